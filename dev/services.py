@@ -1,0 +1,458 @@
+"""Local real Kafka (KRaft, from Maven Central jars) and PostgreSQL for dev, tests and chaos.
+
+Standard library only: this runs before the project's virtualenv exists.
+
+    python3 dev/services.py up        # start both (idempotent, returns at once if running)
+    python3 dev/services.py down      # clean stop of both
+    python3 dev/services.py status
+
+State lives in the ignored folders `.cache/` (jars, reused across runs) and `.dev/`
+(broker data, PostgreSQL cluster, logs).  Everything listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+STATE = ROOT / ".dev"
+
+KAFKA_PORT = int(os.environ.get("DEV_KAFKA_PORT", "19092"))
+KAFKA_CONTROLLER_PORT = int(os.environ.get("DEV_KAFKA_CONTROLLER_PORT", "19093"))
+PG_PORT = int(os.environ.get("DEV_PG_PORT", os.environ.get("TIMESCALE_PORT", "55432")))
+PG_USER = os.environ.get("TIMESCALE_USER", "ts_user")
+PG_PASSWORD = os.environ.get("TIMESCALE_PASSWORD", "ts_password")
+PG_DB = os.environ.get("TIMESCALE_DB", "timeseries")
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be installed or started; the message says why."""
+
+
+def log(msg: str) -> None:
+    print(f"[dev] {msg}", file=sys.stderr, flush=True)
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+@dataclass(frozen=True)
+class KafkaPaths:
+    pom: Path = ROOT / "dev" / "kafka" / "pom.xml"
+    libs: Path = CACHE / "kafka" / "libs"
+    home: Path = STATE / "kafka"
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def props(self) -> Path:
+        return self.home / "server.properties"
+
+    @property
+    def log4j(self) -> Path:
+        return self.home / "log4j2.properties"
+
+    @property
+    def logfile(self) -> Path:
+        return self.home / "broker.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.home / "broker.pid"
+
+
+KAFKA = KafkaPaths()
+KAFKA_BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
+
+_SERVER_PROPERTIES = """\
+# Single-node KRaft broker + controller on loopback, written by dev/services.py.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Tests create and join many groups; the default 3 s delay would only slow them down.
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+delete.topic.enable=true
+log.retention.hours=168
+"""
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {logfile}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+"""
+
+
+def _ensure_kafka_jars() -> None:
+    marker = KAFKA.libs / ".complete"
+    if marker.exists() and marker.read_text() == _pom_digest():
+        return
+    if shutil.which("mvn") is None or shutil.which("java") is None:
+        raise ServiceError("Kafka needs Java 17+ and Maven on PATH (apt-get install openjdk-17-jre-headless maven)")
+    log("resolving Apache Kafka jars from Maven Central (first run only)...")
+    if KAFKA.libs.exists():
+        shutil.rmtree(KAFKA.libs)
+    KAFKA.libs.mkdir(parents=True)
+    cmd = [
+        "mvn", "-q", "-B", "-f", str(KAFKA.pom), "dependency:copy-dependencies",
+        f"-DoutputDirectory={KAFKA.libs}", "-DincludeScope=runtime",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ServiceError(f"mvn dependency:copy-dependencies failed:\n{res.stdout}\n{res.stderr}")
+    marker.write_text(_pom_digest())
+
+
+def _pom_digest() -> str:
+    return hashlib.sha256(KAFKA.pom.read_bytes()).hexdigest()
+
+
+def _java(*args: str) -> list[str]:
+    return ["java", "-cp", str(KAFKA.libs / "*"), *args]
+
+
+def _kafka_pid() -> int | None:
+    try:
+        pid = int(KAFKA.pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def kafka_running() -> bool:
+    return _kafka_pid() is not None and _port_open(KAFKA_PORT)
+
+
+def start_kafka(timeout: float = 90.0) -> str:
+    """Start the broker if it is not running; returns the bootstrap address."""
+    if kafka_running():
+        return KAFKA_BOOTSTRAP
+    _ensure_kafka_jars()
+    KAFKA.home.mkdir(parents=True, exist_ok=True)
+    KAFKA.props.write_text(
+        _SERVER_PROPERTIES.format(port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT, data=KAFKA.data)
+    )
+    KAFKA.log4j.write_text(_LOG4J2.format(logfile=KAFKA.logfile))
+    if not (KAFKA.data / "meta.properties").exists():
+        cluster_id = subprocess.run(
+            _java("kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True, check=True
+        ).stdout.strip()
+        res = subprocess.run(
+            _java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(KAFKA.props)),
+            capture_output=True, text=True,
+        )
+        if res.returncode != 0:
+            raise ServiceError(f"formatting KRaft storage failed:\n{res.stdout}\n{res.stderr}")
+    if _port_open(KAFKA_PORT):
+        raise ServiceError(f"port {KAFKA_PORT} is taken by another process; set DEV_KAFKA_PORT")
+    start_mark = KAFKA.logfile.stat().st_size if KAFKA.logfile.exists() else 0
+    heap = os.environ.get("DEV_KAFKA_HEAP", "-Xms256m -Xmx768m").split()
+    cmd = ["java", *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
+           f"-Dlog4j2.configurationFile={KAFKA.log4j}", "-cp", str(KAFKA.libs / "*"),
+           "kafka.Kafka", str(KAFKA.props)]
+    with open(KAFKA.home / "broker.stdout", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=KAFKA.home)
+    KAFKA.pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"broker exited with {proc.returncode}; see {KAFKA.logfile} and broker.stdout")
+        if _port_open(KAFKA_PORT) and _log_has(KAFKA.logfile, start_mark, "Kafka Server started"):
+            log(f"kafka up on {KAFKA_BOOTSTRAP} (pid {proc.pid})")
+            return KAFKA_BOOTSTRAP
+        time.sleep(0.2)
+    raise ServiceError(f"broker did not start within {timeout:.0f}s; see {KAFKA.logfile}")
+
+
+def _log_has(path: Path, offset: int, needle: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
+def stop_kafka(kill: bool = False, timeout: float = 60.0) -> None:
+    """Stop the broker: SIGTERM (clean, waits) or SIGKILL (crash, for chaos tests)."""
+    pid = _kafka_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    _wait_gone(pid, timeout)
+    if kill:
+        # The port is freed with the process; nothing else to clean: restart recovers the logs.
+        log(f"kafka killed (pid {pid})")
+    else:
+        log("kafka stopped")
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bindir() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("pg_ctl")
+    return Path(found).parent if found else None
+
+
+def _ensure_pg_installed() -> Path:
+    bindir = _pg_bindir()
+    if bindir is not None:
+        return bindir
+    if os.geteuid() != 0:
+        raise ServiceError("PostgreSQL is not installed; run: sudo apt-get install -y postgresql")
+    log("installing Debian's postgresql package...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    res = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
+                         env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+        res = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
+                             env=env, capture_output=True, text=True)
+    bindir = _pg_bindir()
+    if res.returncode != 0 or bindir is None:
+        raise ServiceError(f"apt-get install postgresql failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return bindir
+
+
+def _run_as() -> str | None:
+    """PostgreSQL refuses to run as root: as root we run it as the `postgres` user."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def pg_home() -> Path:
+    """The project's cluster folder; outside the repo if the postgres user cannot reach it."""
+    override = os.environ.get("DEV_PG_HOME")
+    if override:
+        return Path(override)
+    home = STATE / "pg"
+    user = _run_as()
+    if user is None:
+        return home
+    probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(ROOT)], capture_output=True)
+    if probe.returncode == 0:
+        return home
+    digest = hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
+    return Path(f"/var/tmp/kafka-timescale-sink-{digest}/pg")
+
+
+def _as_pg_user(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    user = _run_as()
+    full = ["runuser", "-u", user, "--", *cmd] if user else cmd
+    return subprocess.run(full, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def _pg_paths() -> tuple[Path, Path, Path]:
+    home = pg_home()
+    return home, home / "data", home / "run"
+
+
+def pg_running() -> bool:
+    bindir = _pg_bindir()
+    if bindir is None:
+        return False
+    _, data, _ = _pg_paths()
+    if not (data / "PG_VERSION").exists():
+        return False
+    return _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "status"]).returncode == 0
+
+
+def start_postgres(timeout: float = 60.0) -> str:
+    """Start the project's cluster if needed, create role + database; returns a conninfo."""
+    bindir = _ensure_pg_installed()
+    home, data, run = _pg_paths()
+    user = _run_as()
+    if not (data / "PG_VERSION").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        if user:
+            shutil.chown(home, user)
+            shutil.chown(run, user)
+        res = _as_pg_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8",
+                           "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256"])
+        if res.returncode != 0:
+            raise ServiceError(f"initdb failed:\n{res.stdout}\n{res.stderr}")
+        with open(data / "postgresql.conf", "a") as f:
+            f.write(
+                "\n# dev/services.py\n"
+                f"listen_addresses = '127.0.0.1'\nport = {PG_PORT}\n"
+                f"unix_socket_directories = '{run}'\n"
+                "max_connections = 200\nshared_buffers = 256MB\n"
+                "logging_collector = off\n"
+            )
+    if not pg_running():
+        if _port_open(PG_PORT):
+            raise ServiceError(f"port {PG_PORT} is taken by another process; set DEV_PG_PORT")
+        res = _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "postgres.log"),
+                           "-w", "-t", str(int(timeout)), "start"])
+        if res.returncode != 0:
+            raise ServiceError(f"pg_ctl start failed:\n{res.stdout}\n{res.stderr}\nsee {home / 'postgres.log'}")
+        log(f"postgres up on 127.0.0.1:{PG_PORT} ({data})")
+    _ensure_role_and_db(bindir)
+    return conninfo()
+
+
+def _psql_admin(bindir: Path, sql: str, db: str = "postgres") -> str:
+    _, _, run = _pg_paths()
+    res = _as_pg_user([str(bindir / "psql"), "-h", str(run), "-p", str(PG_PORT), "-U", "postgres",
+                       "-d", db, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+    if res.returncode != 0:
+        raise ServiceError(f"psql failed: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+def _quote_literal(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _quote_ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _ensure_role_and_db(bindir: Path) -> None:
+    if _psql_admin(bindir, f"SELECT 1 FROM pg_roles WHERE rolname = {_quote_literal(PG_USER)}") != "1":
+        _psql_admin(bindir, f"CREATE ROLE {_quote_ident(PG_USER)} LOGIN PASSWORD {_quote_literal(PG_PASSWORD)}")
+    if _psql_admin(bindir, f"SELECT 1 FROM pg_database WHERE datname = {_quote_literal(PG_DB)}") != "1":
+        _psql_admin(bindir, f"CREATE DATABASE {_quote_ident(PG_DB)} OWNER {_quote_ident(PG_USER)}")
+
+
+def psql_admin(sql: str, db: str = PG_DB) -> str:
+    """Run SQL as the cluster superuser (tests use it for pg_terminate_backend and such)."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        raise ServiceError("PostgreSQL is not installed")
+    return _psql_admin(bindir, sql, db)
+
+
+def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
+    """pg_ctl stop with mode fast (clean) or immediate (crash-like, for chaos tests)."""
+    bindir = _pg_bindir()
+    if bindir is None or not pg_running():
+        return
+    _, data, _ = _pg_paths()
+    res = _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", str(int(timeout)), "stop"])
+    if res.returncode != 0:
+        raise ServiceError(f"pg_ctl stop failed: {res.stderr.strip()}")
+    log(f"postgres stopped ({mode})")
+
+
+def conninfo(user: str = PG_USER, password: str = PG_PASSWORD, db: str = PG_DB) -> str:
+    return f"host=127.0.0.1 port={PG_PORT} dbname={db} user={user} password={password}"
+
+
+def service_env() -> dict[str, str]:
+    """The sink's env vars pointing at the local services."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
+        "TIMESCALE_HOST": "127.0.0.1",
+        "TIMESCALE_PORT": str(PG_PORT),
+        "TIMESCALE_DB": PG_DB,
+        "TIMESCALE_USER": PG_USER,
+        "TIMESCALE_PASSWORD": PG_PASSWORD,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down", "status", "env"])
+    args = ap.parse_args(argv)
+    try:
+        if args.action == "up":
+            start_kafka()
+            start_postgres()
+        elif args.action == "down":
+            stop_kafka()
+            stop_postgres()
+        elif args.action == "status":
+            print(f"kafka    {'running' if kafka_running() else 'stopped'}  {KAFKA_BOOTSTRAP}")
+            print(f"postgres {'running' if pg_running() else 'stopped'}  127.0.0.1:{PG_PORT} ({pg_home()})")
+        elif args.action == "env":
+            for k, v in service_env().items():
+                print(f"export {k}={v}")
+    except ServiceError as e:
+        print(f"[dev] error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

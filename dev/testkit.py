@@ -1,0 +1,329 @@
+"""Helpers over the real local Kafka and PostgreSQL: topics, producing, reading what landed.
+
+Used by tests/, chaos_tests/ and bench/.  Nothing here fakes a broker or a database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from dev import services
+
+ROOT = services.ROOT
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def admin(bootstrap: str | None = None) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP})
+
+
+def create_topic(name: str, partitions: int = 3, bootstrap: str | None = None, timeout: float = 30) -> str:
+    adm = admin(bootstrap)  # keep a reference: a destroyed handle fails its futures
+    futures = adm.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    for fut in futures.values():
+        fut.result(timeout=timeout)
+    wait_topic_ready(name, partitions, bootstrap)
+    return name
+
+
+def wait_topic_ready(name: str, partitions: int, bootstrap: str | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    adm = admin(bootstrap)
+    while time.monotonic() < deadline:
+        md = adm.list_topics(name, timeout=5)
+        t = md.topics.get(name)
+        if t is not None and t.error is None and len(t.partitions) == partitions and all(
+            p.leader >= 0 for p in t.partitions.values()
+        ):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {name} not ready")
+
+
+def delete_topics(names: Iterable[str], bootstrap: str | None = None) -> None:
+    names = list(names)
+    if not names:
+        return
+    adm = admin(bootstrap)
+    for fut in adm.delete_topics(names, operation_timeout=10).values():
+        with contextlib.suppress(Exception):
+            fut.result(timeout=15)
+
+
+def producer(bootstrap: str | None = None, **extra: Any) -> Producer:
+    conf = {"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP, "linger.ms": 5,
+            "enable.idempotence": True, **extra}
+    return Producer(conf)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Where one produced record landed."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def produce(
+    topic: str,
+    values: Iterable[bytes | Mapping[str, Any] | None],
+    *,
+    partition: int | None = None,
+    keys: Iterable[bytes | None] | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    bootstrap: str | None = None,
+) -> list[Sent]:
+    """Produce records (dicts become JSON) and wait for every ack; returns their positions."""
+    p = producer(bootstrap)
+    sent: list[Sent] = []
+    errors: list[Any] = []
+
+    def on_ack(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+        else:
+            sent.append(Sent(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()))
+
+    key_iter: Iterator[bytes | None] = iter(keys) if keys is not None else iter(lambda: None, 0)
+    for v in values:
+        data = json.dumps(v).encode() if isinstance(v, Mapping) else v
+        kw: dict[str, Any] = {"value": data, "key": next(key_iter), "on_delivery": on_ack}
+        if partition is not None:
+            kw["partition"] = partition
+        if headers:
+            kw["headers"] = headers
+        while True:
+            try:
+                p.produce(topic, **kw)
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    remaining = p.flush(60)
+    if remaining or errors:
+        raise RuntimeError(f"produce failed: {remaining} unacked, errors={errors[:3]}")
+    return sent
+
+
+@dataclass
+class ConsumedRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes] = field(default_factory=dict)
+    timestamp_ms: int | None = None
+
+
+def read_all(topic: str, *, bootstrap: str | None = None, timeout: float = 10.0) -> list[ConsumedRecord]:
+    """Every committed record of a topic, from the beginning to the end offsets as of now."""
+    ends = end_offsets(topic, bootstrap=bootstrap)
+    want = {p: o for p, o in ends.items() if o > 0}
+    c = Consumer({"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP,
+                  "group.id": unique_name("reader"), "enable.auto.commit": False,
+                  "isolation.level": "read_committed", "enable.partition.eof": True})
+    out: list[ConsumedRecord] = []
+    try:
+        if not want:
+            return out
+        c.assign([TopicPartition(topic, p, 0) for p in want])
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(done) < len(want) and time.monotonic() < deadline:
+            for m in c.consume(500, 0.5):
+                if m.error():
+                    if m.error().code() == -191:  # _PARTITION_EOF
+                        done.add(m.partition())
+                        continue
+                    raise KafkaException(m.error())
+                out.append(ConsumedRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                                          dict(m.headers() or []), m.timestamp()[1]))
+                if m.offset() >= want[m.partition()] - 1:
+                    done.add(m.partition())
+        if len(done) < len(want):
+            raise TimeoutError(f"read_all({topic}) did not reach the end offsets in {timeout}s")
+    finally:
+        c.close()
+    return out
+
+
+def end_offsets(topic: str, *, bootstrap: str | None = None) -> dict[int, int]:
+    """High watermarks (next offset to be written) per partition."""
+    c = Consumer({"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP, "group.id": unique_name("wm")})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        out = {}
+        for p in md.topics[topic].partitions:
+            _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            out[p] = high
+        return out
+    finally:
+        c.close()
+
+
+def committed_offsets(group: str, topic: str, *, bootstrap: str | None = None) -> dict[int, int]:
+    """The group's committed offsets per partition (missing = nothing committed)."""
+    c = Consumer({"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP, "group.id": group,
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
+        res = c.committed(tps, timeout=10)
+        return {tp.partition: tp.offset for tp in res if tp.offset >= 0}
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def connect(schema: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    opts = f" options='-c search_path={schema},public'" if schema else ""
+    return psycopg.connect(services.conninfo() + opts, autocommit=autocommit)
+
+
+def create_schema(name: str) -> str:
+    with connect() as conn:
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
+    return name
+
+
+def drop_schema(name: str) -> None:
+    with connect() as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def rows(schema: str, order: str = "device_id, timestamp, connector_mode, component_type, pin_position") -> list[
+    tuple[Any, ...]
+]:
+    with connect(schema) as conn:
+        return conn.execute(f"SELECT * FROM iot_measurements ORDER BY {order}").fetchall()
+
+
+def row_count(schema: str) -> int:
+    with connect(schema) as conn:
+        row = conn.execute("SELECT count(*) FROM iot_measurements").fetchone()
+        return int(row[0]) if row else 0
+
+
+# --------------------------------------------------------------------------- the sink as a process
+
+
+def sink_env(schema: str, topic: str, group: str, **overrides: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "TIMESCALE_", "BATCH_"))}
+    env.update(services.service_env())
+    env.update({
+        "KAFKA_INPUT_TOPIC": topic,
+        "KAFKA_GROUP_ID": group,
+        "TIMESCALE_SCHEMA": schema,
+        "BATCH_SIZE": "200",
+        "BATCH_TIMEOUT": "0.3",
+        "RETRY_INITIAL_BACKOFF": "0.2",
+        "RETRY_MAX_BACKOFF": "2",
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return env
+
+
+class SinkProcess:
+    """The real service (`python -m sink run`) as a child process, with its JSON log captured."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SinkProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen([sys.executable, "-m", "sink", "run"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+        except FileNotFoundError:
+            pass
+        return out
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy; returns its value or raises TimeoutError."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last={last!r})")

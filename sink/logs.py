@@ -1,0 +1,121 @@
+"""Structured logging: one JSON object per line, and the catalogue of every event we emit.
+
+Each line has ``timestamp`` (UTC ISO 8601), ``level``, ``event`` (a name from EVENTS),
+``logger`` and context fields with the fixed names of FIELDS.  The README's logging section
+and ``kafka-timescale-sink logs search --help`` are checked against EVENTS by a test.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+
+EVENTS: dict[str, str] = {
+    # lifecycle
+    "sink_starting": "the service starts; carries the settings with secrets masked",
+    "sink_stopped": "the service stopped cleanly",
+    "config_invalid": "configuration failed validation; names the env var",
+    "fatal_error": "an unrecoverable error; the process exits non-zero",
+    "shutdown_requested": "SIGTERM/SIGINT received; the current batch is finished first",
+    "shutdown_timeout": "the final batch could not be written in time; its offsets stay uncommitted",
+    # schema
+    "migration_applied": "a numbered migration ran (file, checksum)",
+    "migrations_up_to_date": "no migration was pending",
+    "timescaledb_enabled": "the timescaledb extension is present; hypertable features are on",
+    "timescaledb_unavailable": "the timescaledb extension is missing; plain PostgreSQL mode",
+    "timescale_policy_set": "a compression/retention/refresh policy was (re)applied",
+    # kafka
+    "partitions_assigned": "the group gave this instance partitions",
+    "partitions_revoked": "partitions were taken away; their unwritten records are dropped",
+    "partitions_lost": "partitions were lost without a clean revoke",
+    "consumer_paused": "consumption paused (database down or buffer full)",
+    "consumer_resumed": "consumption resumed",
+    "kafka_error": "a non-fatal error reported by librdkafka",
+    "dlq_topic_created": "the DLQ topic did not exist and was created",
+    # the data path
+    "batch_written": "a batch committed to the database (rows, inserted, duplicates, offsets)",
+    "batch_committed": "offsets of a batch committed to Kafka, after rows and DLQ records",
+    "record_rejected": "a record failed decode/validate/write; it goes to the DLQ",
+    "dlq_published": "DLQ records of a batch acknowledged by the broker",
+    "poison_isolated": "bisection isolated rows the database rejected",
+    "batch_discarded": "records of revoked partitions dropped before writing (re-read by the new owner)",
+    # failures and retries
+    "retrying": "a retryable failure; waiting before the next attempt (cause, attempt, delay)",
+    "recovered": "an operation succeeded after retries",
+    "db_connected": "connected to PostgreSQL",
+    "db_disconnected": "the PostgreSQL connection was lost",
+    "dlq_breaker_tripped": "too many records went to the DLQ; the sink stops instead of draining",
+    # operability
+    "metrics_listening": "the metrics/health HTTP server is listening",
+    # DLQ tooling
+    "dlq_replay_started": "a DLQ replay run started (who, filters)",
+    "dlq_replay_progress": "periodic replay progress (when not on a terminal)",
+    "dlq_replay_finished": "audit line of a DLQ replay run (who, when, filters, counts)",
+    "dlq_record_replayed": "one DLQ record processed by replay (fate)",
+    # demo
+    "demo_produced": "the demo producer sent its records",
+}
+
+FIELDS: dict[str, str] = {
+    "timestamp": "UTC ISO 8601 time of the log line",
+    "level": "debug, info, warning, error, critical",
+    "event": "one of the event names above",
+    "logger": "the module that logged",
+    "topic": "Kafka topic",
+    "partition": "Kafka partition",
+    "offset": "offset of a single record",
+    "first_offset": "first offset of a range (inclusive)",
+    "last_offset": "last offset of a range (inclusive)",
+    "offsets": "per partition ranges: {\"<partition>\": [first, last]}",
+    "batch_id": "sequence number of the batch in this process",
+    "rows": "rows in a batch",
+    "inserted": "rows that were new",
+    "duplicates": "rows that already existed (absorbed by ON CONFLICT DO NOTHING)",
+    "dlq": "records sent to the DLQ",
+    "device_id": "device of a record",
+    "error_class": "classified error name",
+    "stage": "decode, validate or write",
+    "reason": "human-readable error message",
+    "latency_ms": "duration in milliseconds",
+    "attempt": "retry attempt number",
+    "delay_s": "seconds until the next attempt",
+    "cause": "what is being retried (db_write, dlq_publish, commit, ...)",
+}
+
+LogFormat = Literal["json", "console"]
+
+
+def configure_logging(fmt: LogFormat = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Configure structlog once for the process; JSON by default, console for humans."""
+    out = stream or sys.stdout
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        _add_logger_name,
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(default=str)
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _add_logger_name(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict.setdefault("logger", event_dict.pop("_logger_name", "sink"))
+    return event_dict
+
+
+def get_logger(name: str) -> Any:
+    """A bound logger whose lines carry ``logger=<name>``."""
+    return structlog.get_logger().bind(_logger_name=name)
