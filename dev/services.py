@@ -315,7 +315,8 @@ def pg_home() -> Path:
 def _as_pg_user(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     user = _run_as()
     full = ["runuser", "-u", user, "--", *cmd] if user else cmd
-    return subprocess.run(full, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    res: subprocess.CompletedProcess[str] = subprocess.run(full, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    return res
 
 
 def _pg_paths() -> tuple[Path, Path, Path]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # missing from the stub
 
 from dev import services
 
@@ -155,7 +155,8 @@ def read_all(topic: str, *, bootstrap: str | None = None, timeout: float = 10.0)
         done: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(done) < len(want) and time.monotonic() < deadline:
-            for m in c.consume(500, 0.5):
+            msgs: list[Any] = c.consume(500, 0.5)  # Any: the stub types every field Optional
+            for m in msgs:
                 if m.error():
                     if m.error().code() == -191:  # _PARTITION_EOF
                         done.add(m.partition())

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # JSON object of extra librdkafka settings (TLS/SASL...), applied to consumer and producer.
     kafka_extra_config: dict[str, str] = Field(default_factory=dict)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    # DLQ records + offset commit in one Kafka transaction (exactly-once DLQ).  false = produce,
+    # wait for acks, then commit (at-least-once DLQ) for clusters without transaction ACLs.
+    kafka_transactional: bool = True
 
     # --- Database
     timescale_host: str = "timescaledb"

@@ -1,0 +1,118 @@
+"""Batch accumulation by size or age, whichever comes first (pure; the clock is injected)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sink.model import Row
+from sink.types import Rejection, SourceRecord
+
+Clock = Callable[[], float]
+_batch_ids = itertools.count(1)
+
+
+@dataclass
+class Batch:
+    """Rows to write and rejections to DLQ, with the offsets they cover per (topic, partition)."""
+
+    batch_id: int
+    rows: list[Row] = field(default_factory=list)
+    row_sources: list[SourceRecord] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    # (topic, partition) -> [first_offset, last_offset], inclusive, over every record consumed.
+    ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.rejections)
+
+    def _cover(self, rec: SourceRecord) -> None:
+        r = self.ranges.get((rec.topic, rec.partition))
+        if r is None:
+            self.ranges[(rec.topic, rec.partition)] = [rec.offset, rec.offset]
+        else:
+            r[0] = min(r[0], rec.offset)
+            r[1] = max(r[1], rec.offset)
+
+    def add_row(self, rec: SourceRecord, row: Row) -> None:
+        self.rows.append(row)
+        self.row_sources.append(rec)
+        self._cover(rec)
+
+    def add_rejection(self, rej: Rejection) -> None:
+        self.rejections.append(rej)
+        self._cover(rej.record)
+
+    def commit_offsets(self) -> dict[tuple[str, int], int]:
+        """Offsets to commit: the next offset to read, i.e. last consumed + 1."""
+        return {tp: r[1] + 1 for tp, r in self.ranges.items()}
+
+    def drop_partitions(self, revoked: Iterable[tuple[str, int]]) -> int:
+        """Forget records of revoked partitions; returns how many were dropped."""
+        gone = set(revoked) & set(self.ranges)
+        if not gone:
+            return 0
+        before = len(self)
+        keep = [(s, r) for s, r in zip(self.row_sources, self.rows, strict=True)
+                if (s.topic, s.partition) not in gone]
+        self.row_sources = [s for s, _ in keep]
+        self.rows = [r for _, r in keep]
+        self.rejections = [j for j in self.rejections if (j.record.topic, j.record.partition) not in gone]
+        for tp in gone:
+            del self.ranges[tp]
+        return before - len(self)
+
+
+class Batcher:
+    """Holds the open batch; says when it is due (size reached, or timeout since first record)."""
+
+    def __init__(self, size: int, timeout: float, clock: Clock = time.monotonic) -> None:
+        if size < 1 or timeout <= 0:
+            raise ValueError("batch size must be >= 1 and timeout > 0")
+        self.size = size
+        self.timeout = timeout
+        self._clock = clock
+        self._batch = Batch(next(_batch_ids))
+        self._opened_at: float | None = None
+
+    @property
+    def batch(self) -> Batch:
+        return self._batch
+
+    def add(self, rec: SourceRecord, outcome: Row | Rejection) -> None:
+        if self._opened_at is None:
+            self._opened_at = self._clock()
+        if isinstance(outcome, Rejection):
+            self._batch.add_rejection(outcome)
+        else:
+            self._batch.add_row(rec, outcome)
+
+    def room(self) -> int:
+        """How many more records fit before the batch is full."""
+        return max(0, self.size - len(self._batch))
+
+    def due(self) -> bool:
+        if not len(self._batch):
+            return False
+        return len(self._batch) >= self.size or self.time_left() <= 0
+
+    def time_left(self) -> float:
+        """Seconds until the open batch times out (the full timeout when it is empty)."""
+        if self._opened_at is None:
+            return self.timeout
+        return self._opened_at + self.timeout - self._clock()
+
+    def take(self) -> Batch:
+        """Hand over the open batch and start a new one."""
+        out = self._batch
+        self._batch = Batch(next(_batch_ids))
+        self._opened_at = None
+        return out
+
+    def drop_partitions(self, revoked: Iterable[tuple[str, int]]) -> int:
+        dropped = self._batch.drop_partitions(revoked)
+        if not len(self._batch):
+            self._opened_at = None
+        return dropped

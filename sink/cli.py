@@ -1,0 +1,199 @@
+"""The service's command line: run, migrate, logs search, demo."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+
+from sink import __version__
+from sink.errors import FatalError, RetryableError, SinkError, classify_db_error, classify_kafka_error
+from sink.logs import configure_logging, get_logger
+from sink.settings import ConfigError, Settings, load_settings
+
+log = get_logger("sink.cli")
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kafka-timescale-sink", description=__doc__)
+    ap.add_argument("--version", action="version", version=__version__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the sink (configured by env vars, see README)")
+    sub.add_parser("migrate", help="apply the schema migrations and exit")
+    logs = sub.add_parser("logs", help="work with the sink's JSON logs")
+    logs_sub = logs.add_subparsers(dest="logs_command", required=True)
+    from sink import logsearch
+
+    search = logs_sub.add_parser("search", help="filter JSON log lines; trace a record with --record",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    logsearch.add_arguments(search)
+    demo = sub.add_parser("demo", help="produce demo IoT records to the input topic")
+    demo.add_argument("--count", type=int, default=10_000)
+    demo.add_argument("--rate", type=float, default=0.0, help="records/s (0 = as fast as possible)")
+    demo.add_argument("--invalid-share", type=float, default=0.01)
+    demo.add_argument("--duplicate-share", type=float, default=0.02)
+    demo.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args(argv)
+
+    if args.command == "logs":
+        return logsearch.run(args)
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        configure_logging()
+        log.error("config_invalid", reason=str(e))
+        print(f"kafka-timescale-sink: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "run":
+            return run(settings)
+        if args.command == "migrate":
+            _migrate(settings, lambda: False)
+            return EXIT_OK
+        if args.command == "demo":
+            from sink.demo import produce
+
+            n = produce(settings.kafka_bootstrap_servers, settings.kafka_input_topic, args.count, rate=args.rate,
+                        seed=args.seed, invalid_share=args.invalid_share, duplicate_share=args.duplicate_share,
+                        extra_config=settings.kafka_extra_config)
+            log.info("demo_produced", topic=settings.kafka_input_topic, rows=n)
+            return EXIT_OK if n == args.count else EXIT_FATAL
+    except FatalError as e:
+        log.critical("fatal_error", reason=str(e))
+        print(f"kafka-timescale-sink: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    return EXIT_OK
+
+
+def run(settings: Settings) -> int:
+    """Start everything, run the pipeline until SIGTERM/SIGINT, stop cleanly."""
+    from sink.breaker import DlqBreaker, DlqBreakerPolicy
+    from sink.committer import PlainCommitter, TransactionalCommitter
+    from sink.health import HealthState, serve
+    from sink.metrics import Metrics
+    from sink.pipeline import Pipeline, PipelineConfig
+    from sink.source import KafkaSource
+    from sink.topics import ensure_dlq_topic
+    from sink.writer import PgWriter
+
+    log.info("sink_starting", version=__version__, settings=settings.safe_summary())
+    stopping = {"now": False}
+    pipeline: Pipeline | None = None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["now"] = True
+        if pipeline is not None:
+            pipeline.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    metrics, health = Metrics(), HealthState()
+    health.turn()
+    if settings.metrics_port:
+        serve(settings.metrics_host, settings.metrics_port, health, metrics)
+        log.info("metrics_listening", port=settings.metrics_port)
+
+    def stop_requested() -> bool:
+        health.turn()
+        return stopping["now"]
+
+    if settings.run_migrations:
+        _migrate(settings, stop_requested)
+    writer = PgWriter(settings.conninfo())
+    _startup_retry("db_connect", writer.connect, stop_requested)
+    if stopping["now"]:
+        return EXIT_OK
+    health.db_ok = True
+    _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested)
+
+    source = KafkaSource(settings)
+    committer: Any
+    if settings.kafka_transactional:
+        committer = TransactionalCommitter(settings, source, settings.dlq_topic)
+    else:
+        committer = PlainCommitter(settings, source, settings.dlq_topic)
+    breaker = DlqBreaker(DlqBreakerPolicy(enabled=settings.dlq_breaker_enabled, ratio=settings.dlq_breaker_ratio,
+                                          window=settings.dlq_breaker_window,
+                                          consecutive=settings.dlq_breaker_consecutive))
+    pipeline = Pipeline(PipelineConfig.from_settings(settings), source, writer, committer, breaker=breaker,
+                        metrics=metrics, health=health)
+    if stopping["now"]:
+        pipeline.request_stop()
+    try:
+        pipeline.run()
+    except FatalError as e:
+        health.fatal = str(e)
+        raise
+    finally:
+        source.close()
+        committer.close()
+        writer.close()
+    log.info("sink_stopped")
+    return EXIT_OK
+
+
+def _migrate(settings: Settings, stop_requested: Callable[[], bool]) -> None:
+    from sink.migrations import MigrationError, migrate
+
+    def attempt() -> None:
+        try:
+            migrate(settings)
+        except MigrationError as e:
+            raise FatalError(f"migrations failed: {e}") from e
+        except SinkError:
+            raise
+        except Exception as e:  # psycopg errors: classify (connection trouble is retryable)
+            import psycopg
+
+            if isinstance(e, psycopg.Error):
+                raise classify_db_error(e, "migrate") from e
+            raise
+
+    _startup_retry("migrate", attempt, stop_requested)
+
+
+def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[], bool]) -> T | None:
+    """Retry a startup step while the database/broker is unreachable; stop on SIGTERM."""
+
+    def sleep(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not stop_requested():
+            time.sleep(min(0.2, end - time.monotonic()))
+
+    def before_sleep(state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("retrying", cause=cause, attempt=state.attempt_number,
+                    delay_s=round(state.next_action.sleep, 2) if state.next_action else 0, reason=str(exc))
+
+    retrying = Retrying(retry=retry_if_exception_type(RetryableError), stop=stop_never,
+                        wait=wait_exponential_jitter(multiplier=0.5, max=15), sleep=sleep, before_sleep=before_sleep,
+                        reraise=True)
+    for attempt in retrying:
+        if stop_requested():
+            return None
+        with attempt:
+            try:
+                return fn()
+            except SinkError:
+                raise
+            except Exception as e:
+                from confluent_kafka import KafkaException
+
+                if isinstance(e, KafkaException):
+                    raise classify_kafka_error(e.args[0] if e.args else None, cause) from e
+                raise
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

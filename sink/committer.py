@@ -1,0 +1,197 @@
+"""Makes a batch's DLQ records durable and commits its offsets (the Kafka side of a batch).
+
+Two modes, chosen by KAFKA_TRANSACTIONAL:
+* transactional (default): DLQ records and the offset commit are one Kafka transaction, so a
+  crash between them leaves neither behind, and each DLQ record appears exactly once for
+  read_committed readers;
+* plain: produce the DLQ records, wait until every one is acknowledged, then commit offsets
+  (at-least-once: a crash in between may repeat DLQ records).  For clusters where the sink
+  may not use transactions.
+Both raise RetryableError for what a retry can fix and FatalError for what it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from sink.envelope import DlqRecord
+from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.logs import get_logger
+from sink.settings import Settings
+
+log = get_logger("sink.committer")
+
+TP = tuple[str, int]
+
+
+class Committer(Protocol):
+    def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class OffsetSink(Protocol):
+    def group_metadata(self) -> Any: ...
+
+    def commit(self, offsets: dict[TP, int]) -> None: ...
+
+
+def producer_config(settings: Settings, transactional: bool) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        **settings.kafka_extra_config,
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "client.id": f"kafka-timescale-sink-dlq-{socket.gethostname()}",
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "zstd",
+    }
+    if transactional:
+        # Unique per process: zombie fencing comes from the consumer group metadata (KIP-447).
+        conf["transactional.id"] = (
+            f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        )
+        conf["transaction.timeout.ms"] = 60_000
+    return conf
+
+
+def _kafka_error(e: KafkaException) -> Any:
+    return e.args[0] if e.args else None
+
+
+class TransactionalCommitter:
+    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 30.0) -> None:
+        self._settings = settings
+        self._source = source
+        self._topic = dlq_topic
+        self._timeout = timeout
+        self._producer: Producer | None = None
+        self._in_txn = False
+
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            p = Producer(producer_config(self._settings, transactional=True))
+            try:
+                p.init_transactions(self._timeout)
+            except KafkaException as e:
+                raise self._classify(_kafka_error(e), "init_transactions", reset=True) from e
+            self._producer = p
+        return self._producer
+
+    def _classify(self, err: Any, cause: str, reset: bool = False) -> Exception:
+        out = classify_kafka_error(err, cause)
+        if isinstance(out, FatalError) and getattr(err, "code", lambda: None)() in _FENCED:
+            # Fenced by a newer instance of ourselves or a rebalance: a fresh producer retries.
+            out = RetryableError(cause, f"{err.name()}: {err.str()}")
+            reset = True
+        if reset or (err is not None and err.fatal()):
+            self._drop_producer()
+        return out
+
+    def _drop_producer(self) -> None:
+        self._producer = None
+        self._in_txn = False
+
+    def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
+        """One transaction: produce the DLQ records, add the offsets, commit."""
+        if not dlq and not offsets:
+            return
+        p = self._ensure_producer()
+        try:
+            if self._in_txn:
+                p.abort_transaction(self._timeout)
+                self._in_txn = False
+            p.begin_transaction()
+            self._in_txn = True
+            for rec in dlq:
+                self._produce(p, rec)
+            if offsets:
+                tps = [TopicPartition(t, part, o) for (t, part), o in offsets.items()]
+                p.send_offsets_to_transaction(tps, self._source.group_metadata(), self._timeout)
+            self._commit(p)
+        except KafkaException as e:
+            err = _kafka_error(e)
+            if err is not None and err.txn_requires_abort():
+                self._abort(p)
+            raise self._classify(err, "dlq_commit") from e
+
+    def _produce(self, p: Producer, rec: DlqRecord) -> None:
+        while True:
+            try:
+                p.produce(self._topic, value=rec.value, key=rec.key, headers=list(rec.headers))
+                return
+            except BufferError:
+                p.poll(0.1)
+
+    def _commit(self, p: Producer) -> None:
+        # A retriable commit error leaves the transaction committing: commit again, never abort.
+        for _ in range(5):
+            try:
+                p.commit_transaction(self._timeout)
+                self._in_txn = False
+                return
+            except KafkaException as e:
+                err = _kafka_error(e)
+                if err is None or not err.retriable() or err.txn_requires_abort() or err.fatal():
+                    raise
+        raise RetryableError("dlq_commit", "commit_transaction kept timing out")
+
+    def _abort(self, p: Producer) -> None:
+        try:
+            p.abort_transaction(self._timeout)
+            self._in_txn = False
+        except KafkaException:
+            self._drop_producer()
+
+    def close(self) -> None:
+        if self._producer is not None:
+            if self._in_txn:
+                self._abort(self._producer)
+            self._producer.flush(5)
+            self._producer = None
+
+
+_FENCED = frozenset({KafkaError._FENCED, getattr(KafkaError, "PRODUCER_FENCED", -1),
+                     KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+class PlainCommitter:
+    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 30.0) -> None:
+        self._source = source
+        self._topic = dlq_topic
+        self._timeout = timeout
+        self._producer = Producer(producer_config(settings, transactional=False))
+
+    def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
+        """Produce DLQ records, wait for every ack, then commit offsets."""
+        errors: list[Any] = []
+
+        def on_ack(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        for rec in dlq:
+            while True:
+                try:
+                    self._producer.produce(self._topic, value=rec.value, key=rec.key, headers=list(rec.headers),
+                                           on_delivery=on_ack)
+                    break
+                except BufferError:
+                    self._producer.poll(0.1)
+        if dlq:
+            left = self._producer.flush(self._timeout)
+            if left:
+                raise RetryableError("dlq_publish", f"{left} DLQ records not acknowledged in {self._timeout}s")
+            if errors:
+                raise classify_kafka_error(errors[0], "dlq_publish")
+            log.debug("dlq_published", topic=self._topic, dlq=len(dlq))
+        self._source.commit(offsets)
+
+    def close(self) -> None:
+        self._producer.flush(5)

@@ -1,0 +1,134 @@
+"""The DLQ record format: original key, value and headers, plus headers saying why/where/when.
+
+Header names follow Kafka Connect's DLQ (`__connect.errors.*`) so existing tools read them;
+`__sink.*` headers add what Connect's do not say.  A record re-DLQ'd by replay keeps the
+original origin (topic/partition/offset of the input record) and counts its attempts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sink import __version__
+from sink.types import Headers, Rejection
+
+H_TOPIC = "__connect.errors.topic"
+H_PARTITION = "__connect.errors.partition"
+H_OFFSET = "__connect.errors.offset"
+H_CLASS = "__connect.errors.exception.class.name"
+H_MESSAGE = "__connect.errors.exception.message"
+H_STAGE = "__connect.errors.stage"
+H_FAILED_AT = "__sink.errors.failed_at"  # ISO 8601 UTC, when it failed (this attempt)
+H_ORIG_TS = "__sink.errors.original_timestamp_ms"  # the input record's Kafka timestamp
+H_ATTEMPT = "__sink.errors.attempt"  # 1 for the sink, +1 per failed replay
+H_SQLSTATE = "__sink.errors.sqlstate"  # for stage=write
+H_VERSION = "__sink.version"
+
+_OURS = ("__connect.errors.", "__sink.")
+MAX_MESSAGE_BYTES = 4096  # keep headers small; the full reason is in the log too
+
+
+@dataclass(frozen=True, slots=True)
+class DlqRecord:
+    """What the DLQ publisher produces."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class DlqInfo:
+    """The failure headers of a DLQ record, parsed back (for inspect and replay)."""
+
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    error_class: str | None
+    message: str | None
+    stage: str | None
+    failed_at: datetime | None
+    original_timestamp_ms: int | None
+    attempt: int
+    sqlstate: str | None
+    version: str | None
+
+
+def to_dlq_record(rej: Rejection, now: datetime | None = None) -> DlqRecord:
+    """Envelope a rejection.  If the record came from the DLQ itself, keep its origin."""
+    rec = rej.record
+    prior = parse_headers(rec.headers) if _has_origin(rec.headers) else None
+    passthrough = tuple((k, v) for k, v in rec.headers if not k.startswith(_OURS))
+    when = (now or datetime.now(UTC)).astimezone(UTC)
+    if prior is not None:
+        topic, partition, offset = prior.topic or rec.topic, prior.partition, prior.offset
+        orig_ts, attempt = prior.original_timestamp_ms, prior.attempt + 1
+    else:
+        topic, partition, offset = rec.topic, rec.partition, rec.offset
+        orig_ts, attempt = rec.timestamp_ms, 1
+    ours: list[tuple[str, bytes | None]] = [
+        (H_TOPIC, topic.encode()),
+        (H_PARTITION, str(partition).encode()),
+        (H_OFFSET, str(offset).encode()),
+        (H_CLASS, rej.error_class.encode()),
+        (H_MESSAGE, _truncate(rej.message)),
+        (H_STAGE, rej.stage.encode()),
+        (H_FAILED_AT, when.isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()),
+        (H_ATTEMPT, str(attempt).encode()),
+        (H_VERSION, __version__.encode()),
+    ]
+    if orig_ts is not None:
+        ours.append((H_ORIG_TS, str(orig_ts).encode()))
+    if rej.sqlstate:
+        ours.append((H_SQLSTATE, rej.sqlstate.encode()))
+    return DlqRecord(rec.key, rec.value, passthrough + tuple(ours))
+
+
+def _truncate(text: str) -> bytes:
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return data
+    return data[: MAX_MESSAGE_BYTES - 3].decode("utf-8", errors="ignore").encode() + b"..."
+
+
+def _has_origin(headers: Headers) -> bool:
+    return any(k == H_TOPIC for k, _ in headers)
+
+
+def original_headers(headers: Headers) -> Headers:
+    """The input record's own headers, without ours (what replay re-publishes)."""
+    return tuple((k, v) for k, v in headers if not k.startswith(_OURS))
+
+
+def parse_headers(headers: Headers | list[tuple[str, bytes | None]] | None) -> DlqInfo:
+    """Read our headers back; missing or malformed ones become None."""
+    h: dict[str, str] = {}
+    for k, v in headers or ():
+        if k.startswith(_OURS) and v is not None:
+            h[k] = v.decode("utf-8", errors="replace")
+
+    def num(name: str) -> int | None:
+        try:
+            return int(h[name])
+        except (KeyError, ValueError):
+            return None
+
+    failed_at: datetime | None
+    try:
+        failed_at = datetime.fromisoformat(h[H_FAILED_AT].replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        failed_at = None
+    return DlqInfo(
+        topic=h.get(H_TOPIC),
+        partition=num(H_PARTITION),
+        offset=num(H_OFFSET),
+        error_class=h.get(H_CLASS),
+        message=h.get(H_MESSAGE),
+        stage=h.get(H_STAGE),
+        failed_at=failed_at,
+        original_timestamp_ms=num(H_ORIG_TS),
+        attempt=num(H_ATTEMPT) or 1,
+        sqlstate=h.get(H_SQLSTATE),
+        version=h.get(H_VERSION),
+    )

@@ -1,0 +1,102 @@
+"""Error classification, done once: retryable trouble vs. poison data vs. fatal problems.
+
+* RetryableError: the database or broker is unavailable (SQLSTATE 08/53/57/40/58, connection
+  loss, broker transport errors).  Retry with backoff, pause consumption, never DLQ, never
+  commit past.
+* PoisonError: this data cannot be written (SQLSTATE 22 data exception, 23 integrity
+  violation).  Isolate the row, DLQ it with the database's message, commit past it.
+* FatalError: configuration, authentication, missing objects, privileges, or a tripped DLQ
+  breaker.  Exit non-zero with a clear message; the supervisor restarts us.
+Anything else is a bug and propagates unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+
+class SinkError(Exception):
+    """Base of the sink's own errors."""
+
+
+class RetryableError(SinkError):
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(f"{cause}: {message}")
+        self.cause = cause
+        self.message = message
+
+
+class PoisonError(SinkError):
+    def __init__(self, error_class: str, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(f"{error_class}: {message}")
+        self.error_class = error_class
+        self.message = message
+        self.sqlstate = sqlstate
+
+
+class FatalError(SinkError):
+    """Stop the service; the message is shown to the operator as is."""
+
+
+# SQLSTATE classes (first two characters) -> kind.  See PostgreSQL's errcodes appendix.
+_RETRYABLE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+_POISON_CLASSES = frozenset({"22", "23"})
+# Lock timeouts and "object in use" clear up on their own.
+_RETRYABLE_CODES = frozenset({"55P03", "55006"})
+
+
+def classify_db_error(exc: BaseException, cause: str = "db_write") -> SinkError:
+    """Map a psycopg exception to RetryableError, PoisonError or FatalError."""
+    if isinstance(exc, SinkError):
+        return exc
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = _pg_message(exc)
+    if sqlstate:
+        klass = sqlstate[:2]
+        if klass in _RETRYABLE_CLASSES or sqlstate in _RETRYABLE_CODES:
+            return RetryableError(cause, f"[{sqlstate}] {message}")
+        if klass in _POISON_CLASSES:
+            return PoisonError(type(exc).__name__, message, sqlstate)
+        return FatalError(f"database error [{sqlstate}] {type(exc).__name__}: {message}")
+    # No SQLSTATE: the connection failed or broke before/while talking to the server.
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
+        return RetryableError(cause, message or type(exc).__name__)
+    return FatalError(f"unexpected database error {type(exc).__name__}: {message}")
+
+
+def _pg_message(exc: BaseException) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    detail = getattr(diag, "message_detail", None) if diag is not None else None
+    text = primary or (str(exc).strip().splitlines() or [""])[0]
+    return f"{text} ({detail})" if detail else text
+
+
+def classify_kafka_error(err: Any, cause: str) -> SinkError:
+    """Map a confluent_kafka KafkaError to RetryableError or FatalError."""
+    if err is None:
+        return RetryableError(cause, "unknown Kafka error")
+    try:
+        fatal = bool(err.fatal())
+    except AttributeError:
+        fatal = False
+    name = err.name() if hasattr(err, "name") else type(err).__name__
+    text = err.str() if hasattr(err, "str") else str(err)
+    if fatal or name in _FATAL_KAFKA:
+        return FatalError(f"Kafka {cause} failed: {name}: {text}")
+    return RetryableError(cause, f"{name}: {text}")
+
+
+# Errors that retrying cannot fix: the operator must act.
+_FATAL_KAFKA = frozenset({
+    "TOPIC_AUTHORIZATION_FAILED",
+    "GROUP_AUTHORIZATION_FAILED",
+    "CLUSTER_AUTHORIZATION_FAILED",
+    "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+    "SASL_AUTHENTICATION_FAILED",
+    "_AUTHENTICATION",
+    "_INVALID_ARG",
+    "_SSL",
+})

@@ -1,0 +1,80 @@
+"""HTTP endpoints for probes and Prometheus: /healthz (the loop turns), /readyz (broker and
+database reachable, partitions assigned or awaited), /metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sink.metrics import Metrics
+
+# The loop turns at least every poll timeout (0.5 s), also while retrying; a minute without a
+# turn means it is stuck (e.g. a hung call) and the container should be restarted.
+LOOP_STALL_SECONDS = 60.0
+
+
+@dataclass
+class HealthState:
+    """Written by the pipeline thread, read by the HTTP thread (plain attribute stores)."""
+
+    last_turn: float = 0.0
+    db_ok: bool = False
+    broker_ok: bool = False
+    assigned: int = 0
+    stopping: bool = False
+    fatal: str | None = None
+
+    def turn(self) -> None:
+        self.last_turn = time.monotonic()
+
+    def alive(self) -> tuple[bool, dict[str, Any]]:
+        age = time.monotonic() - self.last_turn
+        ok = self.fatal is None and age < LOOP_STALL_SECONDS
+        return ok, {"loop_age_s": round(age, 3), "fatal": self.fatal}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        alive, info = self.alive()
+        ok = alive and self.db_ok and self.broker_ok and not self.stopping
+        return ok, {**info, "db": self.db_ok, "kafka": self.broker_ok, "assigned_partitions": self.assigned,
+                    "stopping": self.stopping}
+
+
+def serve(host: str, port: int, state: HealthState, metrics: Metrics,
+          refresh: Callable[[], None] | None = None) -> ThreadingHTTPServer:
+    """Start the server in a daemon thread; `refresh` updates gauges before a scrape."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                if refresh is not None:
+                    refresh()
+                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, info = state.alive() if path == "/healthz" else state.ready()
+                body = json.dumps({"status": "ok" if ok else "unavailable", **info}).encode()
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # probes are not worth a log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="health-http", daemon=True).start()
+    return server

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the sink (one registry per Pipeline, so tests can run several)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("sink_records_consumed", "Records consumed from Kafka", registry=r)
+        self.inserted = Counter("sink_rows_inserted", "Rows inserted (new)", registry=r)
+        self.duplicates = Counter("sink_rows_duplicate", "Rows already present (ON CONFLICT DO NOTHING)", registry=r)
+        self.dlq = Counter("sink_records_dlq", "Records sent to the DLQ", ["error_class", "stage"], registry=r)
+        self.batches = Counter("sink_batches_written", "Batches written to the database", registry=r)
+        self.batch_rows = Histogram("sink_batch_rows", "Records per batch", registry=r,
+                                    buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+        self.write_seconds = Histogram("sink_batch_write_seconds", "Database write time per batch", registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.commit_seconds = Histogram("sink_batch_commit_seconds", "Kafka DLQ+offset commit time per batch",
+                                        registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.retries = Counter("sink_retries", "Retries of retryable failures", ["cause"], registry=r)
+        self.lag = Gauge("sink_consumer_lag", "Consumer lag in records", ["topic", "partition"], registry=r)
+        self.last_commit = Gauge("sink_last_commit_timestamp_seconds", "Unix time of the last offset commit",
+                                 registry=r)
+        self.since_commit = Gauge("sink_seconds_since_last_commit", "Seconds since the last successful commit "
+                                  "(since start if none)", registry=r)
+        self.db_connected = Gauge("sink_db_connected", "1 when the database connection is up", registry=r)
+        self.broker_up = Gauge("sink_kafka_connected", "1 when a broker connection is up", registry=r)
+        self.breaker_tripped = Gauge("sink_dlq_breaker_tripped", "1 when the DLQ breaker tripped", registry=r)
+        self.dlq_share = Gauge("sink_dlq_share", "Share of recent records sent to the DLQ", registry=r)
+        self.paused = Gauge("sink_consumer_paused", "1 while consumption is paused", registry=r)
+        self.assigned = Gauge("sink_assigned_partitions", "Partitions assigned to this instance", registry=r)
+        self._started = time.time()
+        self._last_commit_at: float | None = None
+        self.since_commit.set_function(self._seconds_since_commit)
+
+    def _seconds_since_commit(self) -> float:
+        return time.time() - (self._last_commit_at or self._started)
+
+    def committed(self) -> None:
+        self._last_commit_at = time.time()
+        self.last_commit.set(self._last_commit_at)
+
+    def set_lag(self, topic: str, lag: dict[int, int]) -> None:
+        for p, v in lag.items():
+            self.lag.labels(topic=topic, partition=str(p)).set(v)

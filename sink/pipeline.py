@@ -1,0 +1,364 @@
+"""The loop: consume -> decode -> batch -> write -> commit, with the DLQ on the side.
+
+Only this module knows the order of things; the adapters (source, writer, committer) behind
+the Protocols below are swapped for in-memory fakes in tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_never
+from tenacity.wait import wait_exponential_jitter
+
+from sink.batcher import Batch, Batcher, Clock
+from sink.bisect import write_isolating_poison
+from sink.breaker import DlqBreaker, DlqBreakerPolicy
+from sink.decode import decode
+from sink.envelope import DlqRecord, to_dlq_record
+from sink.errors import FatalError, RetryableError
+from sink.health import HealthState
+from sink.logs import get_logger
+from sink.metrics import Metrics
+from sink.model import Row
+from sink.settings import Settings
+from sink.types import Rejection, SourceRecord, WriteResult
+
+log = get_logger("sink.pipeline")
+
+TP = tuple[str, int]
+T = TypeVar("T")
+
+
+class Source(Protocol):
+    lag: dict[int, int]
+    broker_up: bool
+
+    def set_rebalance_listener(self, on_assign: Callable[[list[TP]], None],
+                               on_revoke: Callable[[list[TP]], None]) -> None: ...
+
+    def consume(self, max_records: int, timeout: float) -> list[SourceRecord]: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def assignment(self) -> set[TP]: ...
+
+
+class Writer(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def write(self, rows: Sequence[Row]) -> WriteResult: ...
+
+    def check(self) -> bool: ...
+
+
+class Committer(Protocol):
+    def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    topic: str
+    batch_size: int = 5000
+    batch_timeout: float = 1.0
+    max_splits: int = 64
+    retry_initial_backoff: float = 0.5
+    retry_max_backoff: float = 30.0
+    retry_max_attempts: int = 0  # 0 = for ever
+    shutdown_timeout: float = 30.0
+    poll_timeout: float = 0.5
+    idle_db_check: float = 5.0  # seconds without a write before /readyz pings the database
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> PipelineConfig:
+        return cls(topic=s.kafka_input_topic, batch_size=s.batch_size, batch_timeout=s.batch_timeout,
+                   max_splits=s.bisect_max_splits, retry_initial_backoff=s.retry_initial_backoff,
+                   retry_max_backoff=s.retry_max_backoff, retry_max_attempts=s.retry_max_attempts,
+                   shutdown_timeout=s.shutdown_timeout)
+
+
+class ShutdownExpired(Exception):
+    """Stop was requested and the current batch could not be finished in time."""
+
+
+@dataclass
+class _Written:
+    result: WriteResult
+    rejections: list[Rejection]
+    duplicate_sources: list[SourceRecord]
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, source: Source, writer: Writer, committer: Committer, *,
+                 breaker: DlqBreaker | None = None, metrics: Metrics | None = None,
+                 health: HealthState | None = None, clock: Clock = time.monotonic) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.writer = writer
+        self.committer = committer
+        self.breaker = breaker or DlqBreaker(DlqBreakerPolicy())
+        self.metrics = metrics or Metrics()
+        self.health = health or HealthState()
+        self._clock = clock
+        self.batcher = Batcher(cfg.batch_size, cfg.batch_timeout, clock)
+        self._inflight: Batch | None = None
+        self._held: list[SourceRecord] = []
+        self._stop_requested = False
+        self._stop_deadline = float("inf")
+        self._last_db_activity = clock()
+        self._last_gauges = 0.0
+        source.set_rebalance_listener(self.on_assign, self.on_revoke)
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self) -> None:
+        """Finish the current batch (bounded by shutdown_timeout), commit, and return from run()."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            self._stop_deadline = self._clock() + self.cfg.shutdown_timeout
+            self.health.stopping = True
+            log.info("shutdown_requested", timeout_s=self.cfg.shutdown_timeout)
+
+    def run(self) -> None:
+        """Run until request_stop(); FatalError propagates (the caller exits non-zero)."""
+        try:
+            while not self._stop_requested:
+                self.step()
+            self._drain()
+        except ShutdownExpired as e:
+            log.warning("shutdown_timeout", reason=str(e))
+
+    def step(self) -> None:
+        """One turn of the loop: flush a due batch, or consume more records."""
+        self.health.turn()
+        self._update_gauges()
+        if self.batcher.due():
+            self._flush(self.batcher.take())
+            return
+        records = self._next_records()
+        for rec in records:
+            self.batcher.add(rec, decode(rec))
+        if records:
+            self.metrics.consumed.inc(len(records))
+        elif not len(self.batcher.batch) and self._clock() - self._last_db_activity > self.cfg.idle_db_check:
+            self._last_db_activity = self._clock()
+            self.health.db_ok = self.writer.check()
+            self.metrics.db_connected.set(self.health.db_ok)
+
+    def _next_records(self) -> list[SourceRecord]:
+        room = max(1, self.batcher.room())
+        if self._held:
+            out, self._held = self._held[:room], self._held[room:]
+            return out
+        timeout = self.cfg.poll_timeout
+        if len(self.batcher.batch):
+            timeout = max(0.0, min(timeout, self.batcher.time_left()))
+        return self.source.consume(room, timeout)
+
+    def _drain(self) -> None:
+        while self._held:
+            for rec in self._next_records():
+                self.batcher.add(rec, decode(rec))
+            if self.batcher.due():
+                self._flush(self.batcher.take())
+        if len(self.batcher.batch):
+            self._flush(self.batcher.take())
+
+    # ------------------------------------------------------------------ the guarantee
+
+    def _flush(self, batch: Batch) -> None:
+        """Make one batch durable, then commit its offsets.  The order is the guarantee:
+
+        1. Write the batch's valid rows to PostgreSQL in one transaction (INSERT ... ON CONFLICT
+           DO NOTHING).  Rows the database rejects (SQLSTATE 22/23) are isolated by bisection,
+           every other row is written, and the rejected ones become DLQ records.  Retryable
+           failures are retried here (for ever by default) with consumption paused; nothing
+           later in this list happens until the write succeeded.
+        2. Feed the batch's outcomes to the DLQ breaker; if it trips, stop before step 3, so
+           neither the DLQ records nor the offsets of this batch are written.
+        3. Publish every DLQ record of the batch and wait until the broker acknowledged each.
+        4. Only then commit the offsets (last offset + 1 per partition) of the partitions this
+           instance still owns; partitions revoked meanwhile were dropped from the batch and
+           are re-read by their new owner, whose idempotent insert absorbs the repeat.
+        In transactional mode steps 3 and 4 are one Kafka transaction: a crash between them
+        leaves neither DLQ records nor offsets behind, and the re-delivered batch is absorbed
+        by step 1's ON CONFLICT DO NOTHING.
+        """
+        self._inflight = batch
+        try:
+            # Step 1.
+            t0 = self._clock()
+            written = self._retry("db_write", lambda: self._write(batch))
+            write_s = self._clock() - t0
+            self._last_db_activity = self._clock()
+            rejections = batch.rejections + written.rejections
+            self._log_written(batch, written, write_s, len(rejections))
+            # Step 2.
+            reason = self.breaker.feed(_outcomes(batch, rejections))
+            self.metrics.dlq_share.set(self.breaker.dlq_share)
+            if reason is not None:
+                self.metrics.breaker_tripped.set(1)
+                log.critical("dlq_breaker_tripped", reason=reason, batch_id=batch.batch_id)
+                raise FatalError(f"DLQ breaker tripped: {reason}. Nothing of this batch was committed; "
+                                 "fix the cause (or set DLQ_BREAKER_ENABLED=false) and restart.")
+            for rej in rejections:
+                self._log_rejected(rej)
+            envelopes = [((r.record.topic, r.record.partition), to_dlq_record(r)) for r in rejections]
+            # Steps 3 and 4, against whatever is still ours at each attempt.
+            t1 = self._clock()
+            self._retry("commit", lambda: self._commit(batch, envelopes))
+            self.metrics.commit_seconds.observe(self._clock() - t1)
+            self.metrics.committed()
+            if batch.ranges:
+                log.info("batch_committed", topic=self.cfg.topic, batch_id=batch.batch_id,
+                         offsets=_offset_ranges(batch), latency_ms=round((self._clock() - t1) * 1000, 1))
+            for rej in rejections:
+                self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
+        finally:
+            self._inflight = None
+        self.source.resume()
+        self.metrics.paused.set(0)
+
+    def _write(self, batch: Batch) -> _Written:
+        rows, sources = batch.rows, batch.row_sources
+        if not rows:
+            return _Written(WriteResult(0, 0), [], [])
+        iso = write_isolating_poison(rows, self.writer.write, self.cfg.max_splits)
+        self.health.db_ok = True
+        self.metrics.db_connected.set(1)
+        inserted = sum(r.inserted for _, _, r in iso.written)
+        dup_sources = [sources[start + i] for start, _, r in iso.written for i in r.duplicate_indexes]
+        rejections = [Rejection(sources[i], "write", e.error_class, e.message, e.sqlstate) for i, e in iso.poison]
+        if iso.poison:
+            log.warning("poison_isolated", topic=self.cfg.topic, batch_id=batch.batch_id, rows=len(rows),
+                        dlq=len(iso.poison), writes=iso.writes)
+        return _Written(WriteResult(inserted, len(dup_sources)), rejections, dup_sources)
+
+    def _commit(self, batch: Batch, envelopes: list[tuple[TP, DlqRecord]]) -> None:
+        owned = set(batch.ranges)
+        self.committer.complete([env for tp, env in envelopes if tp in owned], batch.commit_offsets())
+
+    # ------------------------------------------------------------------ retries
+
+    def _retry(self, cause: str, fn: Callable[[], T]) -> T:
+        cfg = self.cfg
+        stop_attempts = stop_never if cfg.retry_max_attempts == 0 else stop_after_attempt(cfg.retry_max_attempts)
+
+        def stop(state: RetryCallState) -> bool:
+            return bool(stop_attempts(state)) or self._shutdown_expired()
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(RetryableError),
+            wait=wait_exponential_jitter(multiplier=cfg.retry_initial_backoff, max=cfg.retry_max_backoff,
+                                         jitter=cfg.retry_initial_backoff),
+            stop=stop,
+            sleep=self._keepalive,
+            before_sleep=lambda state: self._before_retry(cause, state),
+            reraise=True,
+        )
+        try:
+            result = retrying(fn)
+        except RetryableError as e:
+            if self._shutdown_expired():
+                raise ShutdownExpired(f"{cause} still failing at shutdown: {e}") from e
+            raise FatalError(f"{cause} failed after {cfg.retry_max_attempts} attempts: {e}") from e
+        attempts = retrying.statistics.get("attempt_number", 1)
+        if attempts > 1:
+            log.info("recovered", cause=cause, attempt=attempts)
+        return result
+
+    def _before_retry(self, cause: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        if cause == "db_write":
+            self.health.db_ok = False
+            self.metrics.db_connected.set(0)
+        self.metrics.retries.labels(cause=cause).inc()
+        log.warning("retrying", cause=cause, attempt=state.attempt_number, delay_s=round(delay, 2),
+                    reason=str(exc), error_class=type(exc).__name__ if exc else None)
+
+    def _keepalive(self, seconds: float) -> None:
+        """Sleep between retries while polling Kafka, so the group keeps us (max.poll.interval.ms)
+        and rebalances are served.  Consumption is paused; anything fetched anyway is held."""
+        self.source.pause()
+        self.metrics.paused.set(1)
+        end = self._clock() + seconds
+        while True:
+            self.health.turn()
+            left = end - self._clock()
+            if left <= 0 or self._shutdown_expired():
+                return
+            self._held.extend(self.source.consume(100, min(left, self.cfg.poll_timeout)))
+
+    def _shutdown_expired(self) -> bool:
+        return self._stop_requested and self._clock() >= self._stop_deadline
+
+    # ------------------------------------------------------------------ rebalances
+
+    def on_assign(self, tps: list[TP]) -> None:
+        self.health.assigned = len(self.source.assignment())
+
+    def on_revoke(self, tps: list[TP]) -> None:
+        """Drop what we hold of revoked partitions: no offset is committed for rows not written."""
+        gone = set(tps)
+        dropped = self.batcher.drop_partitions(gone)
+        if self._inflight is not None:
+            dropped += self._inflight.drop_partitions(gone)
+        held = len(self._held)
+        self._held = [r for r in self._held if (r.topic, r.partition) not in gone]
+        dropped += held - len(self._held)
+        if dropped:
+            log.info("batch_discarded", topic=self.cfg.topic, rows=dropped, partitions=sorted(p for _, p in gone))
+
+    # ------------------------------------------------------------------ logs and gauges
+
+    def _log_written(self, batch: Batch, w: _Written, write_s: float, dlq: int) -> None:
+        r = w.result
+        self.metrics.batches.inc()
+        self.metrics.batch_rows.observe(len(batch))
+        self.metrics.write_seconds.observe(write_s)
+        self.metrics.inserted.inc(r.inserted)
+        self.metrics.duplicates.inc(r.duplicates)
+        extra: dict[str, Any] = {}
+        if w.duplicate_sources:
+            dup: dict[str, list[int]] = {}
+            for s in w.duplicate_sources:
+                dup.setdefault(str(s.partition), []).append(s.offset)
+            extra["duplicate_offsets"] = dup
+        log.info("batch_written", topic=self.cfg.topic, batch_id=batch.batch_id, offsets=_offset_ranges(batch),
+                 rows=len(batch), inserted=r.inserted, duplicates=r.duplicates, dlq=dlq,
+                 latency_ms=round(write_s * 1000, 1), **extra)
+
+    def _log_rejected(self, rej: Rejection) -> None:
+        rec = rej.record
+        log.warning("record_rejected", topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                    stage=rej.stage, error_class=rej.error_class, reason=rej.message)
+
+    def _update_gauges(self) -> None:
+        now = self._clock()
+        if now - self._last_gauges < 1.0:
+            return
+        self._last_gauges = now
+        self.metrics.set_lag(self.cfg.topic, dict(self.source.lag))
+        assigned = len(self.source.assignment())
+        self.metrics.assigned.set(assigned)
+        self.health.assigned = assigned
+        self.health.broker_ok = self.source.broker_up
+        self.metrics.broker_up.set(self.source.broker_up)
+
+
+def _offset_ranges(batch: Batch) -> dict[str, list[int]]:
+    return {str(p): list(r) for (_, p), r in sorted(batch.ranges.items())}
+
+
+def _outcomes(batch: Batch, rejections: list[Rejection]) -> list[bool]:
+    """DLQ'd-or-not per record in (partition, offset) order, for the breaker's streak count."""
+    bad = {(r.record.partition, r.record.offset) for r in rejections}
+    keys = sorted({(s.partition, s.offset) for s in batch.row_sources} | bad)
+    return [k in bad for k in keys]

@@ -1,0 +1,191 @@
+"""The Kafka consumer adapter: consume, pause/resume, rebalance callbacks, lag from statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from sink.errors import FatalError, classify_kafka_error
+from sink.logs import get_logger
+from sink.settings import Settings
+from sink.types import SourceRecord
+
+log = get_logger("sink.source")
+
+TP = tuple[str, int]
+PartitionsCallback = Callable[[list[TP]], None]
+
+# Bounded prefetch: librdkafka's default (64 MiB of queued messages) alone would blow the
+# sink's memory budget; 16 MiB still keeps a batch of 5000 records ready to go.
+_CONSUMER_DEFAULTS = {
+    "queued.max.messages.kbytes": "16384",
+    "fetch.max.bytes": "16777216",
+    "statistics.interval.ms": "5000",
+    # The input may be written by transactional producers: never read aborted records.
+    "isolation.level": "read_committed",
+}
+
+
+def consumer_config(settings: Settings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        **_CONSUMER_DEFAULTS,
+        **settings.kafka_extra_config,
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "group.id": settings.kafka_group_id,
+        "client.id": f"kafka-timescale-sink-{socket.gethostname()}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": settings.kafka_auto_offset_reset,
+        "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
+    }
+    conf.update(extra or {})
+    return conf
+
+
+class KafkaSource:
+    """A subscribed consumer.  Callbacks run inside consume(), in the caller's thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.kafka_input_topic
+        self._on_assign: PartitionsCallback = lambda tps: None
+        self._on_revoke: PartitionsCallback = lambda tps: None
+        self.lag: dict[int, int] = {}
+        self.broker_up = False
+        self.last_ok = 0.0
+        self._paused = False
+        self._last_warn: dict[str, float] = {}
+        self.consumer = Consumer(consumer_config(settings, {"error_cb": self._on_error, "stats_cb": self._on_stats}))
+        self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked,
+                                on_lost=self._lost)
+
+    def set_rebalance_listener(self, on_assign: PartitionsCallback, on_revoke: PartitionsCallback) -> None:
+        """Who hears about partitions coming and going (the pipeline, before its first consume)."""
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+
+    # -- callbacks from librdkafka (in our thread, inside consume/poll)
+    def _assigned(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("partitions_assigned", topic=self.topic, partitions=sorted(p for _, p in tps))
+        if self._paused and partitions:
+            # Stay paused across a rebalance while the database is down.
+            consumer.pause(partitions)
+        self._on_assign(tps)
+
+    def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("partitions_revoked", topic=self.topic, partitions=sorted(p for _, p in tps))
+        for _, p in tps:
+            self.lag.pop(p, None)
+        self._on_revoke(tps)
+
+    def _lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.warning("partitions_lost", topic=self.topic, partitions=sorted(p for _, p in tps))
+        self._on_revoke(tps)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.broker_up = False
+        if err.fatal():
+            log.error("kafka_error", error_class=err.name(), reason=err.str(), fatal=True)
+        else:
+            self._warn_rate_limited(err)
+
+    def _warn_rate_limited(self, err: KafkaError) -> None:
+        now = time.monotonic()
+        if now - self._last_warn.get(err.name(), 0.0) > 10:
+            self._last_warn[err.name()] = now
+            log.warning("kafka_error", error_class=err.name(), reason=err.str())
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+            parts = stats.get("topics", {}).get(self.topic, {}).get("partitions", {})
+            for pid, p in parts.items():
+                lag = p.get("consumer_lag", -1)
+                if int(pid) >= 0 and lag is not None and lag >= 0:
+                    self.lag[int(pid)] = int(lag)
+            self.broker_up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values()
+                                 if b.get("nodeid", -1) >= 0) or self.broker_up
+        except (ValueError, AttributeError, TypeError):
+            pass
+
+    # -- the calls the pipeline makes
+    def consume(self, max_records: int, timeout: float) -> list[SourceRecord]:
+        try:
+            msgs = self.consumer.consume(num_messages=max(1, max_records), timeout=max(0.0, timeout))
+        except KafkaException as e:
+            raise classify_kafka_error(e.args[0] if e.args else None, "consume") from e
+        out: list[SourceRecord] = []
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise FatalError(f"Kafka consumer failed: {err.name()}: {err.str()}")
+                self._warn_rate_limited(err)
+                continue
+            ts_type, ts = m.timestamp()
+            topic, part, off = m.topic(), m.partition(), m.offset()
+            assert topic is not None and part is not None and off is not None  # set on every fetched message
+            # Consumed messages carry headers as a list of (str, bytes | None) pairs.
+            headers: Any = tuple(m.headers() or ())
+            out.append(SourceRecord(topic, part, off, m.key(), m.value(), headers, ts if ts_type else None))
+        self.broker_up = True if msgs or self.consumer.assignment() else self.broker_up
+        self.last_ok = time.monotonic()
+        return out
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.consumer.pause(self.consumer.assignment())
+            log.info("consumer_paused", topic=self.topic)
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.consumer.resume(self.consumer.assignment())
+            log.info("consumer_resumed", topic=self.topic)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def assignment(self) -> set[TP]:
+        return {(p.topic, p.partition) for p in self.consumer.assignment()}
+
+    def group_metadata(self) -> Any:
+        return self.consumer.consumer_group_metadata()
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        """Synchronous commit of explicit offsets (non-transactional mode)."""
+        if not offsets:
+            return
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            result = self.consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as e:
+            raise classify_kafka_error(e.args[0] if e.args else None, "commit") from e
+        for tp in result or []:
+            if tp.error is not None:
+                raise classify_kafka_error(tp.error, "commit")
+
+    def partition_count(self) -> int | None:
+        try:
+            md = self.consumer.list_topics(self.topic, timeout=10)
+        except KafkaException:
+            return None
+        t = md.topics.get(self.topic)
+        return len(t.partitions) if t is not None and t.error is None else None
+
+    def close(self) -> None:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            self.consumer.close()

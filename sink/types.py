@@ -1,0 +1,40 @@
+"""Value types that flow through the pipeline: source records, rejections, write results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Headers = tuple[tuple[str, bytes | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """One Kafka record as consumed, detached from librdkafka's Message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record that will not be written: why, and at which stage (decode, validate, write)."""
+
+    record: SourceRecord
+    stage: str
+    error_class: str
+    message: str
+    sqlstate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Outcome of one committed write: which input rows were new and which already existed."""
+
+    inserted: int
+    duplicates: int
+    duplicate_indexes: tuple[int, ...] = field(default=())

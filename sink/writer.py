@@ -1,0 +1,164 @@
+"""The database writer: one transaction per batch, binary COPY into a staging table, then
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the table, built from the model's fields."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from sink.errors import FatalError, SinkError, classify_db_error
+from sink.logs import get_logger
+from sink.model import COLUMNS, PRIMARY_KEY, Row
+from sink.types import WriteResult
+
+log = get_logger("sink.writer")
+
+TABLE = "iot_measurements"
+STAGE = "_sink_stage"
+# A lock held on the table (or a stuck statement) must not block us for ever: the error is
+# retryable (55P03 / 57014), and between attempts we keep polling Kafka to stay in the group.
+SESSION_SETTINGS = {"lock_timeout": "10s", "statement_timeout": "120s"}
+
+
+def insert_statement(columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
+                     table: str = TABLE, stage: str = STAGE) -> sql.Composed:
+    """INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING <primary key>, from the columns."""
+    cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+    return sql.SQL(
+        "INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING RETURNING {pk}"
+    ).format(table=sql.Identifier(table), cols=cols, stage=sql.Identifier(stage),
+             pk=sql.SQL(", ").join(map(sql.Identifier, pk)))
+
+
+def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]],
+                        pk_index: Sequence[int]) -> WriteResult:
+    """Which input rows were new: the first row of each returned key; the rest were duplicates."""
+    remaining: dict[tuple[Any, ...], int] = {}
+    for key in returned:
+        remaining[key] = remaining.get(key, 0) + 1
+    dups: list[int] = []
+    for i, row in enumerate(rows):
+        key = tuple(row[j] for j in pk_index)
+        n = remaining.get(key, 0)
+        if n:
+            remaining[key] = n - 1
+        else:
+            dups.append(i)
+    return WriteResult(inserted=len(rows) - len(dups), duplicates=len(dups), duplicate_indexes=tuple(dups))
+
+
+class PgWriter:
+    """Owns one connection; reconnects on the next call after a connection-class failure."""
+
+    def __init__(self, conninfo: str, columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
+                 table: str = TABLE) -> None:
+        self._conninfo = conninfo
+        self.columns = tuple(columns)
+        self.pk = tuple(pk)
+        self.table = table
+        self._pk_index = tuple(self.columns.index(c) for c in self.pk)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._copy_sql = sql.SQL("COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)").format(
+            stage=sql.Identifier(STAGE), cols=sql.SQL(", ").join(map(sql.Identifier, self.columns)))
+        self._insert_sql = insert_statement(self.columns, self.pk, table)
+        self._types: list[int] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def connect(self) -> None:
+        """Connect and prepare the staging table; raises classified errors."""
+        if self.connected:
+            return
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=False)
+        except psycopg.Error as e:
+            raise classify_db_error(e, "db_connect") from e
+        try:
+            with conn.cursor() as cur:
+                for name, value in SESSION_SETTINGS.items():
+                    cur.execute(sql.SQL("SELECT set_config({}, {}, false)").format(name, value))
+                self._types = self._column_types(cur)
+                # LIKE copies column types (and NOT NULL) but no other constraint: checks and
+                # uniqueness are the table's job, so poison rows fail in the INSERT and not here.
+                cur.execute(sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) "
+                    "ON COMMIT DELETE ROWS").format(stage=sql.Identifier(STAGE), table=sql.Identifier(self.table)))
+            conn.commit()
+        except psycopg.Error as e:
+            conn.close()
+            raise classify_db_error(e, "db_connect") from e
+        except FatalError:
+            conn.close()
+            raise
+        self._conn = conn
+        log.info("db_connected", table=self.table)
+
+    def _column_types(self, cur: psycopg.Cursor[Any]) -> list[int]:
+        cur.execute(
+            "SELECT a.attname, a.atttypid FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+            (self.table,),
+        )
+        found = dict(cur.fetchall())
+        if not found:
+            raise FatalError(f"table {self.table} does not exist: run the migrations (kafka-timescale-sink migrate)")
+        missing = [c for c in self.columns if c not in found]
+        if missing:
+            raise FatalError(f"table {self.table} lacks column(s) {missing} of the model: a migration is missing")
+        return [int(found[c]) for c in self.columns]
+
+    def write(self, rows: Sequence[Row]) -> WriteResult:
+        """Write rows in one transaction.  Raises RetryableError, PoisonError or FatalError."""
+        if not rows:
+            return WriteResult(0, 0)
+        self.connect()
+        conn = self._conn
+        assert conn is not None
+        try:
+            with conn.cursor() as cur:
+                with cur.copy(self._copy_sql) as copy:
+                    copy.set_types(self._types)
+                    for row in rows:
+                        copy.write_row(row)
+                cur.execute(self._insert_sql, binary=True)
+                returned = cur.fetchall()
+            conn.commit()
+        except psycopg.Error as e:
+            err = classify_db_error(e)
+            self._after_failure(conn)
+            raise err from e
+        return classify_duplicates(rows, returned, self._pk_index)
+
+    def _after_failure(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.broken:
+            self.close()
+            log.warning("db_disconnected", table=self.table)
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            self.close()
+
+    def check(self) -> bool:
+        """Is the database reachable?  Reconnects if needed; never raises (for /readyz when idle)."""
+        try:
+            self.connect()
+            assert self._conn is not None
+            self._conn.execute("SELECT 1")
+            self._conn.rollback()
+            return True
+        except (psycopg.Error, SinkError):
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None

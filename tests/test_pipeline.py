@@ -1,0 +1,287 @@
+"""The loop's ordering guarantees, with small in-memory fakes and a manual clock (no sleeping)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from sink.breaker import DlqBreaker, DlqBreakerPolicy
+from sink.envelope import DlqRecord, parse_headers
+from sink.errors import FatalError, PoisonError, RetryableError
+from sink.model import Row
+from sink.pipeline import Pipeline, PipelineConfig
+from sink.types import SourceRecord, WriteResult
+
+TOPIC = "in"
+TP = tuple[str, int]
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ListSource:
+    """Records per partition; consume() hands them out and advances the clock by the timeout
+    when there is nothing to give (as a real poll would block)."""
+
+    def __init__(self, clock: ManualClock, records: list[SourceRecord]) -> None:
+        self.clock = clock
+        self.pending = list(records)
+        self.lag: dict[int, int] = {}
+        self.broker_up = True
+        self.paused = False
+        self.pause_calls = 0
+        self.assigned: set[TP] = {(TOPIC, p) for p in range(3)}
+        self.on_assign: Callable[[list[TP]], None] = lambda tps: None
+        self.on_revoke: Callable[[list[TP]], None] = lambda tps: None
+        self.hooks: list[Callable[[], None]] = []  # run once per consume call (to inject rebalances)
+
+    def set_rebalance_listener(self, on_assign: Any, on_revoke: Any) -> None:
+        self.on_assign, self.on_revoke = on_assign, on_revoke
+
+    def consume(self, max_records: int, timeout: float) -> list[SourceRecord]:
+        for hook in list(self.hooks):
+            hook()
+        if self.paused or not self.pending:
+            self.clock.now += max(timeout, 0.001)
+            return []
+        out, self.pending = self.pending[:max_records], self.pending[max_records:]
+        return out
+
+    def pause(self) -> None:
+        self.paused = True
+        self.pause_calls += 1
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def assignment(self) -> set[TP]:
+        return set(self.assigned)
+
+    def revoke(self, tps: list[TP]) -> None:
+        self.assigned -= set(tps)
+        self.on_revoke(tps)
+
+
+class TableWriter:
+    """An in-memory table with a primary key on the whole row's first five fields."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.rows: dict[tuple[Any, ...], Row] = {}
+        self.events = events
+        self.fail_next = 0  # raise RetryableError this many times
+        self.poison: Callable[[Row], bool] = lambda row: False
+        self.writes = 0
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def check(self) -> bool:
+        return True
+
+    def write(self, rows: Sequence[Row]) -> WriteResult:
+        self.writes += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RetryableError("db_write", "connection refused")
+        if any(self.poison(r) for r in rows):
+            raise PoisonError("CheckViolation", "violates check constraint", "23514")
+        dups = []
+        for i, r in enumerate(rows):
+            if r[:5] in self.rows:
+                dups.append(i)
+            else:
+                self.rows[r[:5]] = r
+        self.events.append(f"write:{len(rows)}")
+        return WriteResult(len(rows) - len(dups), len(dups), tuple(dups))
+
+
+class RecordingCommitter:
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.dlq: list[DlqRecord] = []
+        self.offsets: dict[TP, int] = {}
+        self.fail_next = 0
+
+    def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RetryableError("commit", "broker unavailable")
+        self.dlq.extend(dlq)
+        self.offsets.update(offsets)
+        self.events.append(f"commit:{len(dlq)}")
+
+
+def rec(partition: int, offset: int, value: bytes | None) -> SourceRecord:
+    return SourceRecord(TOPIC, partition, offset, None, value)
+
+
+def good(i: int, device: str = "dev") -> bytes:
+    return json.dumps({"timestamp": 1_700_000_000 + i, "mac_address": device, "value": i}).encode()
+
+
+def make(records: list[SourceRecord], batch_size: int = 10, breaker: DlqBreaker | None = None,
+         **cfg: Any) -> tuple[Pipeline, ListSource, TableWriter, RecordingCommitter, list[str], ManualClock]:
+    clock = ManualClock()
+    events: list[str] = []
+    source = ListSource(clock, records)
+    writer = TableWriter(events)
+    committer = RecordingCommitter(events)
+    conf = PipelineConfig(topic=TOPIC, batch_size=batch_size, batch_timeout=1.0, retry_initial_backoff=0.5,
+                          retry_max_backoff=4.0, **cfg)
+    p = Pipeline(conf, source, writer, committer, clock=clock,
+                 breaker=breaker or DlqBreaker(DlqBreakerPolicy(enabled=False)))
+    return p, source, writer, committer, events, clock
+
+
+def run_until(p: Pipeline, cond: Callable[[], bool], max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if cond():
+            return
+        p.step()
+    raise AssertionError("condition not reached")
+
+
+def test_rows_are_written_before_offsets_are_committed() -> None:
+    records = [rec(i % 3, i // 3, good(i)) for i in range(30)]
+    p, _source, writer, committer, events, _ = make(records)
+    run_until(p, lambda: committer.offsets == {(TOPIC, 0): 10, (TOPIC, 1): 10, (TOPIC, 2): 10})
+    assert len(writer.rows) == 30
+    assert events[0].startswith("write:")
+    for i, e in enumerate(events):
+        if e.startswith("commit"):
+            assert events[i - 1].startswith("write:"), events
+
+
+def test_partial_batch_is_flushed_after_timeout_without_sleeping() -> None:
+    p, _, writer, committer, _, clock = make([rec(0, 0, good(0)), rec(0, 1, good(1))], batch_size=100)
+    start = clock.now
+    run_until(p, lambda: committer.offsets == {(TOPIC, 0): 2})
+    assert len(writer.rows) == 2
+    assert 1.0 <= clock.now - start < 2.0
+
+
+def test_no_commit_while_database_is_down_and_everything_lands_after() -> None:
+    records = [rec(0, i, good(i)) for i in range(10)]
+    p, source, writer, committer, events, _clock = make(records)
+    writer.fail_next = 6
+    run_until(p, lambda: bool(committer.offsets))
+    # Six failed attempts with exponential backoff: the consumer was paused and kept polling.
+    assert writer.writes >= 7
+    assert source.pause_calls >= 1 and not source.paused
+    assert events == ["write:10", "commit:0"]
+    assert committer.offsets == {(TOPIC, 0): 10}
+    assert committer.dlq == []
+    assert len(writer.rows) == 10
+
+
+def test_records_fetched_while_paused_are_kept_not_lost() -> None:
+    records = [rec(0, i, good(i)) for i in range(10)]
+    p, source, writer, committer, _, _ = make(records, batch_size=5)
+    writer.fail_next = 2
+    # A source that ignores pause (librdkafka may hand out prefetched messages).
+    source.pause = lambda: None  # type: ignore[method-assign]
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 10)
+    assert len(writer.rows) == 10
+
+
+def test_poison_row_goes_to_dlq_and_its_batch_mates_are_written() -> None:
+    records = [rec(0, i, good(i)) for i in range(10)]
+    p, _, writer, committer, _, _ = make(records)
+    writer.poison = lambda row: row[5] == 7.0
+    run_until(p, lambda: bool(committer.offsets))
+    assert sorted(r[5] for r in writer.rows.values()) == [float(i) for i in range(10) if i != 7]
+    assert len(committer.dlq) == 1
+    info = parse_headers(committer.dlq[0].headers)
+    assert (info.stage, info.error_class, info.sqlstate, info.partition, info.offset) == (
+        "write", "CheckViolation", "23514", 0, 7)
+    assert committer.dlq[0].value == good(7)
+    assert committer.offsets == {(TOPIC, 0): 10}
+
+
+def test_undecodable_records_go_to_dlq_with_original_bytes() -> None:
+    bad = [b"", b"\xff", b"{x", b"[1]", b'{"mac_address": "a"}']
+    records = [rec(1, i, v) for i, v in enumerate(bad)] + [rec(1, 5, good(5))]
+    p, _, writer, committer, _, _ = make(records)
+    run_until(p, lambda: bool(committer.offsets))
+    assert [d.value for d in committer.dlq] == bad
+    assert [parse_headers(d.headers).error_class for d in committer.dlq] == [
+        "EmptyValue", "InvalidUtf8", "InvalidJson", "NotAnObject", "ValidationError"]
+    assert len(writer.rows) == 1
+    assert committer.offsets == {(TOPIC, 1): 6}
+
+
+def test_breaker_trip_stops_before_dlq_and_commit() -> None:
+    records = [rec(0, i, b"{bad") for i in range(10)]
+    breaker = DlqBreaker(DlqBreakerPolicy(enabled=True, consecutive=5, window=100, ratio=0.9))
+    p, _, _, committer, events, _ = make(records, breaker=breaker)
+    with pytest.raises(FatalError, match="DLQ breaker tripped"):
+        run_until(p, lambda: False)
+    assert committer.dlq == [] and committer.offsets == {}
+    assert not any(e.startswith("commit") for e in events)
+
+
+def test_commit_failure_is_retried_and_dlq_is_not_duplicated() -> None:
+    records = [rec(0, 0, b"{bad"), rec(0, 1, good(1))]
+    p, _, _, committer, _, _ = make(records)
+    committer.fail_next = 3
+    run_until(p, lambda: bool(committer.offsets))
+    assert len(committer.dlq) == 1
+    assert committer.offsets == {(TOPIC, 0): 2}
+
+
+def test_partition_revoked_during_outage_is_not_committed() -> None:
+    records = [rec(0, i, good(i)) for i in range(5)] + [rec(1, i, good(100 + i)) for i in range(5)]
+    p, source, writer, committer, _, _ = make(records)
+    writer.fail_next = 2
+    fired = []
+
+    def revoke_once() -> None:
+        if source.paused and not fired:
+            fired.append(1)
+            source.revoke([(TOPIC, 1)])
+
+    source.hooks.append(revoke_once)
+    run_until(p, lambda: bool(committer.offsets))
+    assert fired
+    assert committer.offsets == {(TOPIC, 0): 5}
+    assert sorted(r[5] for r in writer.rows.values()) == [float(i) for i in range(5)]
+
+
+def test_stop_writes_and_commits_the_open_batch() -> None:
+    records = [rec(2, i, good(i)) for i in range(3)]
+    p, _source, writer, committer, _, _ = make(records, batch_size=100)
+    p.step()
+    p.request_stop()
+    p.run()
+    assert committer.offsets == {(TOPIC, 2): 3}
+    assert len(writer.rows) == 3
+
+
+def test_stop_during_outage_gives_up_without_commit_after_timeout() -> None:
+    records = [rec(0, i, good(i)) for i in range(3)]
+    p, _, writer, committer, _, clock = make(records, batch_size=100, shutdown_timeout=5.0)
+    writer.fail_next = 10_000
+    p.step()
+    p.request_stop()
+    start = clock.now
+    p.run()  # returns: ShutdownExpired is logged, not raised
+    assert committer.offsets == {}
+    assert clock.now - start < 5.0 + 5.0
+
+
+def test_duplicates_are_counted_not_rewritten() -> None:
+    records = [rec(0, 0, good(1)), rec(0, 1, good(1)), rec(0, 2, good(2))]
+    p, _, writer, committer, _, _ = make(records)
+    run_until(p, lambda: bool(committer.offsets))
+    assert len(writer.rows) == 2
+    assert p.metrics.duplicates._value.get() == 1
+    assert p.metrics.inserted._value.get() == 2
