@@ -1,0 +1,100 @@
+"""The event catalogue (sink.logs.EVENTS) agrees with the code, the README, docs/logging.md and --help."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from sink import logsearch
+from sink.logs import EVENTS, FIELDS
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE_DIRS = ("sink", "dlq")
+# structlog's bound-logger methods (sync and async); the first positional argument is the event.
+LOG_METHODS = frozenset(
+    name for base in ("debug", "info", "warning", "warn", "error", "critical", "exception", "msg")
+    for name in (base, f"a{base}")
+)
+# Only snake_case literals are events: this skips `parser.error("a sentence")` and the like.
+EVENT_NAME = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
+# Events in EVENTS that no code in SOURCE_DIRS emits, each with the reason it is still documented.
+ALLOWED_UNEMITTED: dict[str, str] = {}
+
+
+def emitted_events() -> dict[str, list[str]]:
+    """event name -> ["path:line", ...] of every ``<logger>.<method>("event", ...)`` call."""
+    found: dict[str, list[str]] = {}
+    for directory in SOURCE_DIRS:
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+                if name := _event_of(node):
+                    found.setdefault(name, []).append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}")
+    return found
+
+
+def _event_of(node: ast.AST) -> str | None:
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOG_METHODS):
+        return None
+    first = node.args[0] if node.args else None
+    if isinstance(first, ast.Constant) and isinstance(first.value, str) and EVENT_NAME.match(first.value):
+        return first.value
+    return None
+
+
+def backticked(text: str) -> set[str]:
+    return set(re.findall(r"`([^`\n]+)`", text))
+
+
+def readme_logging_section() -> str:
+    """From the README's ``Logging`` heading (any level) to the next heading of that level or higher."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    for i, text in enumerate(lines):
+        if m := re.match(r"^(#+)\s+Logging\b", text, re.IGNORECASE):
+            level = len(m[1])
+            end = next(
+                (j for j in range(i + 1, len(lines)) if re.match(rf"^#{{1,{level}}}\s", lines[j])), len(lines)
+            )
+            return "\n".join(lines[i:end])
+    pytest.fail("README.md has no 'Logging' section (a heading like '## Logging')")
+
+
+def test_event_names_are_snake_case() -> None:
+    assert [name for name in EVENTS if not EVENT_NAME.match(name)] == []
+
+
+def test_every_emitted_event_is_in_the_catalogue() -> None:
+    unknown = {name: where for name, where in emitted_events().items() if name not in EVENTS}
+    assert not unknown, f"emitted but not in sink.logs.EVENTS (add them there, with a description): {unknown}"
+
+
+def test_every_catalogued_event_is_emitted() -> None:
+    emitted = emitted_events()
+    never = sorted(set(EVENTS) - emitted.keys() - ALLOWED_UNEMITTED.keys())
+    assert not never, f"in sink.logs.EVENTS but emitted nowhere in {SOURCE_DIRS} (emit, remove or allow-list): {never}"
+
+
+def test_allow_list_only_names_catalogued_events_that_are_really_not_emitted() -> None:
+    emitted = emitted_events()
+    stale = sorted(name for name in ALLOWED_UNEMITTED if name not in EVENTS or name in emitted)
+    assert not stale, f"ALLOWED_UNEMITTED names events that are emitted or not catalogued: {stale}"
+
+
+def test_readme_logging_section_lists_every_event() -> None:
+    missing = sorted(set(EVENTS) - backticked(readme_logging_section()))
+    assert not missing, f"README.md's logging section does not list these events (as `name`): {missing}"
+
+
+def test_logging_doc_lists_every_event_and_field() -> None:
+    documented = backticked((ROOT / "docs" / "logging.md").read_text(encoding="utf-8"))
+    missing = sorted((set(EVENTS) | set(FIELDS)) - documented)
+    assert not missing, f"docs/logging.md does not list these events/fields (as `name`): {missing}"
+
+
+def test_search_help_lists_every_event(capsys: pytest.CaptureFixture[str]) -> None:
+    assert logsearch.main(["--help"]) == 0
+    block = capsys.readouterr().out.split("events (sink.logs.EVENTS):\n", 1)[1].split("\n\n", 1)[0]
+    listed = {m[1] for m in re.finditer(r"^  ([a-z0-9_]+)\s", block, re.MULTILINE)}
+    assert listed == set(EVENTS)
