@@ -118,4 +118,5 @@ def _add_logger_name(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, A
 
 def get_logger(name: str) -> Any:
     """A bound logger whose lines carry ``logger=<name>``."""
-    return structlog.get_logger().bind(_logger_name=name)
+    # A lazy proxy: modules create loggers at import, before configure_logging() runs.
+    return structlog.get_logger(_logger_name=name)

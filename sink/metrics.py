@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -44,6 +45,11 @@ class Metrics:
     def committed(self) -> None:
         self._last_commit_at = time.time()
         self.last_commit.set(self._last_commit_at)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """A revoked partition's lag is another instance's to report."""
+        with contextlib.suppress(KeyError):
+            self.lag.remove(topic, str(partition))
 
     def set_lag(self, topic: str, lag: dict[int, int]) -> None:
         for p, v in lag.items():

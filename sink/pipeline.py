@@ -34,8 +34,9 @@ T = TypeVar("T")
 
 
 class Source(Protocol):
-    lag: dict[int, int]
     broker_up: bool
+
+    def lags(self, committed: dict[TP, int]) -> dict[int, int]: ...
 
     def set_rebalance_listener(self, on_assign: Callable[[list[TP]], None],
                                on_revoke: Callable[[list[TP]], None]) -> None: ...
@@ -113,6 +114,7 @@ class Pipeline:
         self._stop_deadline = float("inf")
         self._last_db_activity = clock()
         self._last_gauges = 0.0
+        self._committed: dict[TP, int] = {}
         source.set_rebalance_listener(self.on_assign, self.on_revoke)
 
     # ------------------------------------------------------------------ control
@@ -215,6 +217,7 @@ class Pipeline:
             self._retry("commit", lambda: self._commit(batch, envelopes))
             self.metrics.commit_seconds.observe(self._clock() - t1)
             self.metrics.committed()
+            self._committed.update(batch.commit_offsets())
             if batch.ranges:
                 log.info("batch_committed", topic=self.cfg.topic, batch_id=batch.batch_id,
                          offsets=_offset_ranges(batch), latency_ms=round((self._clock() - t1) * 1000, 1))
@@ -307,6 +310,9 @@ class Pipeline:
     def on_revoke(self, tps: list[TP]) -> None:
         """Drop what we hold of revoked partitions: no offset is committed for rows not written."""
         gone = set(tps)
+        for tp in gone:
+            self._committed.pop(tp, None)
+            self.metrics.forget_partition(*tp)
         dropped = self.batcher.drop_partitions(gone)
         if self._inflight is not None:
             dropped += self._inflight.drop_partitions(gone)
@@ -345,7 +351,7 @@ class Pipeline:
         if now - self._last_gauges < 1.0:
             return
         self._last_gauges = now
-        self.metrics.set_lag(self.cfg.topic, dict(self.source.lag))
+        self.metrics.set_lag(self.cfg.topic, self.source.lags(self._committed))
         assigned = len(self.source.assignment())
         self.metrics.assigned.set(assigned)
         self.health.assigned = assigned

@@ -55,7 +55,6 @@ class KafkaSource:
         self.topic = settings.kafka_input_topic
         self._on_assign: PartitionsCallback = lambda tps: None
         self._on_revoke: PartitionsCallback = lambda tps: None
-        self.lag: dict[int, int] = {}
         self.broker_up = False
         self.last_ok = 0.0
         self._paused = False
@@ -81,8 +80,6 @@ class KafkaSource:
     def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("partitions_revoked", topic=self.topic, partitions=sorted(p for _, p in tps))
-        for _, p in tps:
-            self.lag.pop(p, None)
         self._on_revoke(tps)
 
     def _lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -107,11 +104,6 @@ class KafkaSource:
     def _on_stats(self, stats_json: str) -> None:
         try:
             stats = json.loads(stats_json)
-            parts = stats.get("topics", {}).get(self.topic, {}).get("partitions", {})
-            for pid, p in parts.items():
-                lag = p.get("consumer_lag", -1)
-                if int(pid) >= 0 and lag is not None and lag >= 0:
-                    self.lag[int(pid)] = int(lag)
             self.broker_up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values()
                                  if b.get("nodeid", -1) >= 0) or self.broker_up
         except (ValueError, AttributeError, TypeError):
@@ -158,6 +150,23 @@ class KafkaSource:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def lags(self, committed: dict[TP, int]) -> dict[int, int]:
+        """Records between what we committed (or our position) and the partition's end, per
+        assigned partition.  Uses the watermarks cached from fetches: no broker round trip."""
+        out: dict[int, int] = {}
+        assigned = self.consumer.assignment()
+        positions = {(p.topic, p.partition): p.offset for p in self.consumer.position(assigned)}
+        for tp in assigned:
+            key = (tp.topic, tp.partition)
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            base = committed.get(key, positions.get(key, -1))
+            if high is not None and high >= 0 and base is not None and base >= 0:
+                out[tp.partition] = max(0, high - base)
+        return out
 
     def assignment(self) -> set[TP]:
         return {(p.topic, p.partition) for p in self.consumer.assignment()}

@@ -34,7 +34,6 @@ class ListSource:
     def __init__(self, clock: ManualClock, records: list[SourceRecord]) -> None:
         self.clock = clock
         self.pending = list(records)
-        self.lag: dict[int, int] = {}
         self.broker_up = True
         self.paused = False
         self.pause_calls = 0
@@ -54,6 +53,9 @@ class ListSource:
             return []
         out, self.pending = self.pending[:max_records], self.pending[max_records:]
         return out
+
+    def lags(self, committed: dict[TP, int]) -> dict[int, int]:
+        return {}
 
     def pause(self) -> None:
         self.paused = True
