@@ -27,7 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
-STATE = ROOT / ".dev"
+# DEV_STATE_DIR + the DEV_*_PORT variables give a second, independent pair of servers (e.g. to
+# run chaos tests while other tests use the default pair).
+STATE = Path(os.environ.get("DEV_STATE_DIR", ROOT / ".dev")).resolve()
 
 KAFKA_PORT = int(os.environ.get("DEV_KAFKA_PORT", "19092"))
 KAFKA_CONTROLLER_PORT = int(os.environ.get("DEV_KAFKA_CONTROLLER_PORT", "19093"))
@@ -308,7 +310,7 @@ def pg_home() -> Path:
     probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(ROOT)], capture_output=True)
     if probe.returncode == 0:
         return home
-    digest = hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(str(STATE).encode()).hexdigest()[:10]
     return Path(f"/var/tmp/kafka-timescale-sink-{digest}/pg")
 
 

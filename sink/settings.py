@@ -51,8 +51,6 @@ class Settings(BaseSettings):
     # keeps a batch under ~2 MB in memory and amortises the transaction, 1 s bounds latency.
     batch_size: int = Field(5000, ge=1, le=1_000_000)
     batch_timeout: float = Field(1.0, gt=0, le=3600)
-    # Backpressure: pause consumption when this many decoded records wait to be written.
-    max_buffered_records: int = Field(20_000, ge=1)
 
     # --- Retries (connection-class failures).  0 attempts = retry forever.
     retry_initial_backoff: float = Field(0.5, gt=0)
