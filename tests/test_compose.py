@@ -1,0 +1,232 @@
+"""compose.yaml and the Dockerfile, checked as files (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sink.migrations import MIN_TIMESCALEDB
+from sink.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The spec's "Environment Variables" block.
+SPEC_ENV = {
+    "KAFKA_BOOTSTRAP_SERVERS": "kafka:29092",
+    "KAFKA_INPUT_TOPIC": "decoded_iot_data",
+    "TIMESCALE_HOST": "timescaledb",
+    "TIMESCALE_DB": "timeseries",
+    "TIMESCALE_USER": "ts_user",
+    "TIMESCALE_PASSWORD": "ts_password",
+    "TIMESCALE_PORT": "5432",
+    # The spec's names with the service's throughput defaults (README, "Configuration").
+    "BATCH_SIZE": "5000",
+    "BATCH_TIMEOUT": "1",
+}
+_DEFAULTED = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*):-(.*)\}$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return dict(compose["services"])
+
+
+def env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as compose would pass it with nothing set on the host."""
+    raw = service.get("environment") or {}
+    assert isinstance(raw, dict), "environment is written as a mapping"
+    out = {}
+    for key, value in raw.items():
+        text = str(value)
+        match = _DEFAULTED.match(text)
+        out[str(key)] = match.group(2) if match else text
+        assert "$" not in out[str(key)], f"{key}: only ${{VAR:-default}} interpolation is used"
+    return out
+
+
+def depends(service: dict[str, Any]) -> dict[str, str]:
+    return {name: spec["condition"] for name, spec in service.get("depends_on", {}).items()}
+
+
+def test_compose_has_the_pipeline_services(services: dict[str, Any]) -> None:
+    assert set(services) == {"kafka", "timescaledb", "topics", "sink", "demo"}
+
+
+def test_kafka_is_the_official_image_as_a_single_kraft_node(services: dict[str, Any]) -> None:
+    kafka = services["kafka"]
+    kafka_env = env(kafka)
+
+    assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", kafka["image"])
+    assert set(kafka_env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert kafka_env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "1@kafka:29093"
+    assert "INTERNAL://kafka:29092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert not any("ZOOKEEPER" in key for key in kafka_env)
+    assert "kafka-broker-api-versions.sh" in " ".join(kafka["healthcheck"]["test"])
+
+
+def test_timescaledb_is_pinned_to_a_pg16_release_the_sink_supports(services: dict[str, Any]) -> None:
+    db = services["timescaledb"]
+    match = re.fullmatch(r"timescale/timescaledb:(\d+)\.(\d+)\.(\d+)-pg16", db["image"])
+
+    assert match, db["image"]
+    assert tuple(int(x) for x in match.groups()) >= MIN_TIMESCALEDB
+    assert env(db) == {"POSTGRES_DB": "timeseries", "POSTGRES_USER": "ts_user", "POSTGRES_PASSWORD": "ts_password"}
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+
+
+def test_topics_job_creates_the_input_and_dlq_topics_once_kafka_is_healthy(services: dict[str, Any]) -> None:
+    job = services["topics"]
+    script = " ".join(job["command"])
+
+    assert job["image"] == services["kafka"]["image"]
+    assert depends(job) == {"kafka": "service_healthy"}
+    assert job["restart"] == "no"
+    for topic in ("decoded_iot_data", "decoded_iot_data.dlq"):
+        assert re.search(rf"--topic {re.escape(topic)} --partitions \d+ ", script), topic
+    assert script.count("/opt/kafka/bin/kafka-topics.sh --bootstrap-server kafka:29092 --create --if-not-exists") == 2
+
+
+def test_sink_builds_here_restarts_and_waits_for_healthy_dependencies(services: dict[str, Any]) -> None:
+    sink = services["sink"]
+
+    assert sink["build"] == "."
+    assert sink["restart"] == "unless-stopped"
+    assert "container_name" not in sink, "a fixed name breaks `docker compose up --scale sink=N`"
+    assert "ports" not in sink, "a fixed host port breaks scaling"
+    assert depends(sink) == {
+        "kafka": "service_healthy",
+        "timescaledb": "service_healthy",
+        "topics": "service_completed_successfully",
+    }
+    probe = " ".join(sink["healthcheck"]["test"])
+    assert "urllib.request.urlopen" in probe
+    assert re.search(r"/(readyz|healthz)'", probe)
+
+
+def test_sink_env_uses_settings_names_and_the_spec_values(services: dict[str, Any]) -> None:
+    sink_env = env(services["sink"])
+    known = {name.upper() for name in Settings.model_fields}
+
+    assert set(sink_env) <= known, f"not settings: {sorted(set(sink_env) - known)}"
+    assert {k: sink_env.get(k) for k in SPEC_ENV} == SPEC_ENV
+    assert sink_env["TIMESCALE_HOST"] in services and sink_env["KAFKA_BOOTSTRAP_SERVERS"].startswith("kafka:")
+    # The values validate as they would in the container.
+    settings = Settings(**{k.lower(): v for k, v in sink_env.items()})
+    assert settings.timescaledb_required is True
+    assert settings.metrics_port == 9108
+
+
+def test_demo_profile_runs_the_demo_producer(services: dict[str, Any]) -> None:
+    demo = services["demo"]
+
+    assert demo["profiles"] == ["demo"]
+    assert demo["command"] == ["demo", "--count", "10000"]
+    assert demo["build"] == "."
+    assert depends(demo) == {"topics": "service_completed_successfully"}
+    assert set(env(demo)) <= {name.upper() for name in Settings.model_fields}
+
+
+def test_every_dependency_exists_and_healthy_ones_have_a_healthcheck(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for dep, condition in depends(service).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            assert condition in {"service_healthy", "service_completed_successfully", "service_started"}
+            if condition == "service_healthy":
+                assert "test" in services[dep].get("healthcheck", {}), f"{dep} has no healthcheck"
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with line continuations joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions(ROOT / "Dockerfile")
+    last_from = max(i for i, (k, _) in enumerate(steps) if k == "FROM")
+    return steps[last_from:]
+
+
+def test_dockerfile_uses_python_311_slim_for_every_stage() -> None:
+    bases = [args.split()[0] for keyword, args in instructions(ROOT / "Dockerfile") if keyword == "FROM"]
+
+    assert bases and all(b == "python:3.11-slim" for b in bases)
+
+
+def test_image_runs_as_a_non_root_user(final_stage: list[tuple[str, str]]) -> None:
+    users = [args for keyword, args in final_stage if keyword == "USER"]
+
+    assert users, "the runtime stage sets USER"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+
+
+def test_image_entrypoint_is_exec_form_and_runs_the_service(final_stage: list[tuple[str, str]]) -> None:
+    entry = [args for keyword, args in final_stage if keyword == "ENTRYPOINT"]
+    cmd = [args for keyword, args in final_stage if keyword == "CMD"]
+
+    assert json.loads(entry[-1]) == ["kafka-timescale-sink"]
+    assert json.loads(cmd[-1]) == ["run"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "kafka-timescale-sink" in scripts
+
+
+def test_image_healthcheck_probes_healthz_on_the_metrics_port(final_stage: list[tuple[str, str]]) -> None:
+    [check] = [args for keyword, args in final_stage if keyword == "HEALTHCHECK"]
+    env_lines = " ".join(args for keyword, args in final_stage if keyword == "ENV")
+
+    command = json.loads(check[check.index("CMD") + len("CMD") :].strip())
+    assert command[:2] == ["python", "-c"]
+    assert "METRICS_PORT" in command[2] and "/healthz" in command[2] and "urllib.request" in command[2]
+    assert re.search(r"\bMETRICS_PORT=9108\b", env_lines)
+    assert ("EXPOSE", "9108") in final_stage
+
+
+def test_image_ships_the_migrations_and_points_the_sink_at_them(final_stage: list[tuple[str, str]]) -> None:
+    env_lines = " ".join(args for keyword, args in final_stage if keyword == "ENV")
+    sql_dir = re.search(r"\bSINK_SQL_DIR=(\S+)", env_lines)
+
+    assert sql_dir is not None
+    assert ("COPY", f"sql/ {sql_dir.group(1)}/") in final_stage
+
+
+def test_image_bakes_in_no_secret_and_installs_from_pyproject() -> None:
+    steps = instructions(ROOT / "Dockerfile")
+    baked = " ".join(f"{keyword} {args}" for keyword, args in steps)
+
+    assert not re.search(r"PASSWORD|SECRET|TOKEN|sasl\.", baked, re.IGNORECASE)
+    assert ("RUN", "pip install .") in steps
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignore = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    # Allow-list: everything is excluded first, then only what the build copies is let back in.
+    assert ignore[0] == "*"
+    assert {"!pyproject.toml", "!README.md", "!sink/", "!dlq/", "!sql/"} <= set(ignore)
+    assert not {"!.git", "!.venv", "!.dev", "!.env"} & set(ignore)
