@@ -36,29 +36,32 @@ from pydantic import (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def epoch_to_datetime(x: float) -> datetime:
-    """Epoch seconds/milliseconds/microseconds (by magnitude) -> aware UTC datetime."""
-    if math.isnan(x) or math.isinf(x):
+def epoch_to_datetime(x: float | int) -> datetime:
+    """Epoch seconds/milliseconds/microseconds (by magnitude) -> aware UTC datetime.
+
+    Integers are converted exactly (no float rounding of large millisecond/microsecond values).
+    """
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         raise ValueError("timestamp must be a finite number")
     ax = abs(x)
-    if ax < 1e11:
-        micros = x * 1e6
-    elif ax < 1e14:
-        micros = x * 1e3
-    elif ax < 1e17:
-        micros = x
-    else:
+    if ax >= 1e17:
         raise ValueError("epoch timestamp too large (seconds, milliseconds or microseconds expected)")
+    scale = 1_000_000 if ax < 1e11 else 1_000 if ax < 1e14 else 1
     try:
-        return _EPOCH + timedelta(microseconds=round(micros))
+        micros = x * scale if isinstance(x, int) else round(x * scale)
+        return _EPOCH + timedelta(microseconds=micros)
     except OverflowError:
         raise ValueError("timestamp out of range") from None
 
 
-def _number_from_string(s: str) -> float | None:
+def _number_from_string(s: str) -> float | int | None:
     t = s.strip()
     if not t:
         return None
+    try:
+        return int(t)
+    except ValueError:
+        pass
     try:
         return float(t)
     except ValueError:
@@ -68,14 +71,17 @@ def _number_from_string(s: str) -> float | None:
 def _convert_timestamp(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError("timestamp must be a date-time string or epoch number, not a boolean")
-    if isinstance(v, int | float | Decimal):
-        return epoch_to_datetime(float(v))
+    if isinstance(v, int):
+        return epoch_to_datetime(v)
+    if isinstance(v, float | Decimal):
+        try:
+            return epoch_to_datetime(float(v))
+        except OverflowError:
+            raise ValueError("epoch timestamp too large") from None
     if isinstance(v, str):
         n = _number_from_string(v)
-        if n is not None and not (math.isnan(n) or math.isinf(n)):
-            return epoch_to_datetime(n)
         if n is not None:
-            raise ValueError("timestamp must be a finite number")
+            return epoch_to_datetime(n)
     return v  # ISO strings and datetimes: pydantic's own (Rust) parser
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # librdkafka keys the sink sets itself; passing them through would break its guarantees.
 _RESERVED_KAFKA_KEYS = frozenset(
@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     kafka_dlq_partitions: int = Field(0, ge=0)
     kafka_dlq_replication_factor: int = Field(-1, ge=-1)
     # JSON object of extra librdkafka settings (TLS/SASL...), applied to consumer and producer.
-    kafka_extra_config: dict[str, str] = Field(default_factory=dict)
+    # NoDecode: our validator parses the JSON, so a malformed value is a ConfigError naming
+    # the variable; repr=False keeps SASL passwords out of reprs.
+    kafka_extra_config: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, repr=False)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
     # DLQ records + offset commit in one Kafka transaction (exactly-once DLQ).  false = produce,
     # wait for acks, then commit (at-least-once DLQ) for clusters without transaction ACLs.
@@ -58,8 +60,8 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(0, ge=0)
 
     # --- Poison handling
-    # Bisection gives up on a batch after this many extra write attempts and DLQs the rest
-    # one statement at a time, so a mostly-bad batch costs O(n) and not O(n log n) statements.
+    # Bisection splits a poisoned batch at most this many times (2 writes per split), then
+    # writes the rest row by row, so a mostly-bad batch costs O(n) statements, not O(n log n).
     bisect_max_splits: int = Field(64, ge=1)
     dlq_breaker_enabled: bool = True
     # Trip when more than this share of the last `window` records went to the DLQ ...
@@ -145,12 +147,19 @@ class ConfigError(ValueError):
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment; a ConfigError names each bad variable."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
+    problem: str
     try:
         return Settings(**overrides)
     except ValidationError as e:
         parts = []
-        for err in e.errors():
+        for err in e.errors(include_input=False):
             loc = "_".join(str(x) for x in err["loc"]).upper() or "configuration"
             parts.append(f"{loc}: {err['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(parts)) from None
+        problem = "; ".join(parts)
+    except SettingsError as e:
+        problem = str(e).split(" from source", 1)[0]
+    # Raised outside the except blocks: the original error, which may quote the environment
+    # (passwords included), must not ride along as __context__.
+    raise ConfigError("invalid configuration: " + problem)
