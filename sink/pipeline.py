@@ -313,6 +313,13 @@ class Pipeline:
         for tp in gone:
             self._committed.pop(tp, None)
             self.metrics.forget_partition(*tp)
+        # What is dropped, per partition, so `logs search --record` can say "discarded".
+        offsets: dict[str, list[int]] = {}
+        for batch in (self._inflight, self.batcher.batch):
+            for tp, (first, last) in (batch.ranges.items() if batch is not None else ()):
+                if tp in gone:
+                    old = offsets.get(str(tp[1]))
+                    offsets[str(tp[1])] = [min(first, old[0]), max(last, old[1])] if old else [first, last]
         dropped = self.batcher.drop_partitions(gone)
         if self._inflight is not None:
             dropped += self._inflight.drop_partitions(gone)
@@ -320,7 +327,8 @@ class Pipeline:
         self._held = [r for r in self._held if (r.topic, r.partition) not in gone]
         dropped += held - len(self._held)
         if dropped:
-            log.info("batch_discarded", topic=self.cfg.topic, rows=dropped, partitions=sorted(p for _, p in gone))
+            log.info("batch_discarded", topic=self.cfg.topic, rows=dropped, offsets=offsets,
+                     partitions=sorted(p for _, p in gone))
 
     # ------------------------------------------------------------------ logs and gauges
 
