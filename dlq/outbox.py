@@ -1,0 +1,170 @@
+"""The Kafka side of a replay batch: records it produces (failed again -> DLQ, or re-published)
+and the replay group's DLQ offsets, made durable together.
+
+Why not sink.committer.TransactionalCommitter: it produces to one topic only (``--to-topic``
+needs two), and its transactional.id is unique per process.  Here the id is fixed per replay
+group, so ``init_transactions`` of a new run aborts whatever a killed run left open (its
+records vanish, its offsets were never committed) instead of leaving it to time out while
+read_committed readers and this group's offsets wait, and it fences a second replay of the
+same group that is still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from sink.committer import producer_config
+from sink.envelope import DlqRecord
+from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.settings import Settings
+
+TP = tuple[str, int]
+Output = tuple[str, DlqRecord]  # (topic, record)
+
+
+class OffsetSource(Protocol):
+    def group_metadata(self) -> Any: ...
+
+    def commit(self, offsets: dict[TP, int]) -> None: ...
+
+
+def transactional_id(group: str) -> str:
+    return f"sink-dlq-replay.{group}"
+
+
+def _error(e: KafkaException) -> Any:
+    return e.args[0] if e.args else None
+
+
+class TransactionalOutbox:
+    """Each complete() is one Kafka transaction: produce, add the group's offsets, commit.
+
+    Raises RetryableError only when the transaction was aborted (nothing of it is visible, so
+    calling complete() again is safe), FatalError otherwise: a commit whose outcome is unknown
+    is settled by the next run's init_transactions, never guessed at here.
+    """
+
+    def __init__(self, settings: Settings, source: OffsetSource, group: str, timeout: float = 30.0) -> None:
+        self._source = source
+        self._timeout = timeout
+        conf = producer_config(settings, transactional=True)
+        conf["transactional.id"] = transactional_id(group)
+        conf["client.id"] = f"sink-dlq-replay-{group}"
+        self._producer = Producer(conf)
+        self._in_txn = False
+        try:
+            self._producer.init_transactions(timeout)
+        except KafkaException as e:
+            raise classify_kafka_error(_error(e), "init_transactions") from e
+
+    def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
+        if not outputs and not offsets:
+            return
+        p = self._producer
+        try:
+            p.begin_transaction()
+            self._in_txn = True
+            for topic, rec in outputs:
+                _produce(p, topic, rec)
+            if offsets:
+                tps = [TopicPartition(t, part, o) for (t, part), o in offsets.items()]
+                p.send_offsets_to_transaction(tps, self._source.group_metadata(), self._timeout)
+        except KafkaException as e:
+            raise self._abort(_error(e), "replay_produce") from e
+        self._commit(p)
+
+    def _commit(self, p: Producer) -> None:
+        # A retriable commit error leaves the transaction committing: commit again, never abort.
+        for _ in range(5):
+            try:
+                p.commit_transaction(self._timeout)
+                self._in_txn = False
+                return
+            except KafkaException as e:
+                err = _error(e)
+                if err is not None and err.txn_requires_abort():
+                    raise self._abort(err, "replay_commit") from e
+                if err is None or not err.retriable() or err.fatal():
+                    raise _fatal(err, "replay_commit") from e
+        raise FatalError("commit_transaction kept timing out; the next run settles the transaction")
+
+    def _abort(self, err: Any, cause: str) -> Exception:
+        """Abort the open transaction; retryable only if the abort worked and the error allows it."""
+        if err is not None and (err.fatal() or err.code() in _FENCED):
+            return _fatal(err, cause)
+        try:
+            self._producer.abort_transaction(self._timeout)
+            self._in_txn = False
+        except KafkaException as e:
+            return _fatal(_error(e), "abort_transaction")
+        out = classify_kafka_error(err, cause)
+        return out if isinstance(out, FatalError) else RetryableError(cause, f"transaction aborted: {out}")
+
+    def close(self) -> None:
+        if self._in_txn:
+            # Interrupted mid-transaction: abort now rather than leave it to the next run or
+            # the transaction timeout (the group's offsets would be pending until then).
+            with contextlib.suppress(KafkaException):
+                self._producer.abort_transaction(5)
+        self._producer.flush(5)
+
+
+def _fatal(err: Any, cause: str) -> FatalError:
+    code = err.code() if err is not None else None
+    if code in _FENCED:
+        return FatalError("another replay with the same consumer group took over (this one was fenced); "
+                          "its batch in flight was not committed")
+    out = classify_kafka_error(err, cause)
+    return out if isinstance(out, FatalError) else FatalError(str(out))
+
+
+_FENCED = frozenset({KafkaError._FENCED, getattr(KafkaError, "PRODUCER_FENCED", -1),
+                     KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+class PlainOutbox:
+    """KAFKA_TRANSACTIONAL=false: produce, wait for every ack, then commit the offsets.
+
+    At-least-once: a crash between the acks and the commit repeats those records on the next
+    run (rows stay exactly once: ON CONFLICT DO NOTHING)."""
+
+    def __init__(self, settings: Settings, source: OffsetSource, timeout: float = 30.0) -> None:
+        self._source = source
+        self._timeout = timeout
+        self._producer = Producer(producer_config(settings, transactional=False))
+
+    def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
+        errors: list[Any] = []
+
+        def on_ack(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        for topic, rec in outputs:
+            _produce(self._producer, topic, rec, on_ack)
+        if outputs:
+            left = self._producer.flush(self._timeout)
+            if left:
+                raise RetryableError("replay_produce", f"{left} records not acknowledged in {self._timeout}s")
+            if errors:
+                raise classify_kafka_error(errors[0], "replay_produce")
+        self._source.commit(offsets)
+
+    def close(self) -> None:
+        self._producer.flush(5)
+
+
+def _produce(p: Producer, topic: str, rec: DlqRecord, on_ack: Any = None) -> None:
+    kw: dict[str, Any] = {"value": rec.value, "key": rec.key, "headers": list(rec.headers)}
+    if on_ack is not None:
+        kw["on_delivery"] = on_ack
+    while True:
+        try:
+            p.produce(topic, **kw)
+            return
+        except BufferError:
+            p.poll(0.1)

@@ -1,0 +1,158 @@
+"""One replay run with the real adapters: open them in a safe order, run, always write the audit line."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from dlq.outbox import PlainOutbox, TransactionalOutbox, transactional_id
+from dlq.progress import ProgressReporter, reporter
+from dlq.reader import ConsumerOffsets, DlqReader, capture_plan, open_consumer
+from dlq.replay import Outbox, Outcome, Replayer, ReplayOptions, ReplayResult, retry
+from sink.errors import FatalError, classify_kafka_error
+from sink.logs import get_logger
+from sink.settings import Settings
+from sink.writer import PgWriter
+
+log = get_logger("dlq.runner")
+
+EXIT_CODES = {Outcome.COMPLETED: 0, Outcome.MAX_REACHED: 0, Outcome.STOPPED_ON_FAILURE: 3, Outcome.INTERRUPTED: 130}
+EXIT_FATAL = 1
+
+
+def who() -> dict[str, str]:
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (some containers)
+        user = "unknown"
+    return {"user": user, "host": socket.gethostname()}
+
+
+def replay_group(base: str | None, settings: Settings, opts: ReplayOptions) -> str:
+    """`--group` (default <KAFKA_GROUP_ID>.dlq-replay), plus the filter's suffix when filtered."""
+    return (base or f"{settings.kafka_group_id}.dlq-replay") + opts.filter.group_suffix()
+
+
+def run_replay(settings: Settings, opts: ReplayOptions, group: str, *, tty: bool,
+               stop_requested: Callable[[], bool] = lambda: False) -> tuple[int, dict[str, Any]]:
+    """Returns (exit code, summary).  The audit line dlq_replay_finished is written in every case."""
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    base: dict[str, Any] = {
+        **who(), "group": group, "topic": opts.dlq_topic, "filter": opts.filter.describe(),
+        "dry_run": opts.dry_run, "to_topic": opts.to_topic, "on_failure": str(opts.on_failure),
+        "max": opts.max_records, "started_at": _iso(started),
+    }
+    result: ReplayResult | None = None
+    replayer: Replayer | None = None
+    outcome, error = "error", None
+    total = 0
+    progress: ProgressReporter | None = None
+    closers: list[Callable[[], Any]] = []
+    try:
+        reader, writer, outbox = _open(settings, opts, group, closers)
+        total = reader.total
+        txn_id = transactional_id(group) if outbox is not None and settings.kafka_transactional else None
+        log.info("dlq_replay_started", total=total, transactional_id=txn_id,
+                 plan={str(p): [r.start, r.end] for p, r in sorted(reader.plan.items())}, **base)
+        progress = reporter(total, tty)
+        replayer = Replayer(opts, reader, writer, outbox, on_progress=progress.update, stop_requested=stop_requested)
+        result = replayer.run()
+        outcome = str(result.outcome)
+    except FatalError as e:
+        error = str(e)
+    except KeyboardInterrupt:  # a second signal: stop at once, the batch in flight stays uncommitted
+        outcome, error = str(Outcome.INTERRUPTED), "interrupted during a batch; it is re-read by the next run"
+    except BaseException as e:  # a bug: still write the audit line, then let it surface
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):  # closing must not hide the run's own outcome
+                close()
+        # Counts of committed batches only: an interrupted batch is counted by the run that redoes it.
+        counts = replayer.counts.as_dict() if replayer is not None else None
+        summary: dict[str, Any] = {
+            **base, "outcome": outcome, "finished_at": _iso(datetime.now(UTC)),
+            "duration_s": round(time.monotonic() - t0, 3), "total": total, "counts": counts,
+            "stopped_at": _stopped_at(result), "error": error,
+        }
+        audit = {k: v for k, v in summary.items() if k != "counts"} | (counts or {})
+        if error:
+            log.error("dlq_replay_finished", **audit)
+        else:
+            log.info("dlq_replay_finished", **audit)
+    code = EXIT_CODES[result.outcome] if result is not None else EXIT_FATAL
+    if outcome == Outcome.INTERRUPTED:
+        code = EXIT_CODES[Outcome.INTERRUPTED]
+    return code, summary
+
+
+def _open(settings: Settings, opts: ReplayOptions, group: str,
+          closers: list[Callable[[], Any]]) -> tuple[DlqReader, PgWriter | None, Outbox | None]:
+    """The order matters:
+
+    1. The database first (a missing table is fatal before anything in Kafka is touched).
+    2. The transactional producer before reading the group's offsets: its init_transactions
+       aborts a killed run's open transaction, whose offsets would otherwise be pending.
+       A dry run never creates it: it would fence a replay of the same group that is running.
+    3. Then capture the plan: start = the group's committed offsets, end = now.
+    """
+    policy = opts.retry
+    writer: PgWriter | None = None
+    # Step 1.
+    if opts.to_topic is None and not opts.dry_run:
+        w = PgWriter(settings.conninfo())
+        closers.append(w.close)
+        retry(policy, "db_connect", w.connect)
+        writer = w
+    consumer = open_consumer(settings, group)
+    closers.append(consumer.close)
+    if opts.to_topic is not None:
+        _check_topic(consumer, opts.to_topic)
+    # Step 2.
+    outbox: Outbox | None = None
+    if not opts.dry_run:
+        offsets = ConsumerOffsets(consumer)
+        if settings.kafka_transactional:
+            tx = retry(policy, "init_transactions", lambda: TransactionalOutbox(settings, offsets, group))
+            closers.append(tx.close)
+            outbox = tx
+        else:
+            plain = PlainOutbox(settings, offsets)
+            closers.append(plain.close)
+            outbox = plain
+    # Step 3.
+    plan = retry(policy, "dlq_offsets", lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True))
+    return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox
+
+
+def _check_topic(consumer: Any, topic: str) -> None:
+    try:
+        md = consumer.list_topics(topic, timeout=15)
+    except KafkaException as e:
+        raise classify_kafka_error(e.args[0] if e.args else None, "to_topic") from e
+    t = md.topics.get(topic)
+    if t is None or t.error is not None or not t.partitions:
+        raise FatalError(f"--to-topic {topic}: the topic does not exist or cannot be described")
+
+
+def _stopped_at(result: ReplayResult | None) -> dict[str, Any] | None:
+    if result is None or result.stopped_at is None:
+        return None
+    rej = result.stopped_at
+    return {"partition": rej.record.partition, "offset": rej.record.offset, "stage": rej.stage,
+            "error_class": rej.error_class, "reason": rej.message}
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
