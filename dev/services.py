@@ -121,6 +121,8 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # Tests create and join many groups; the default 3 s delay would only slow them down.
 group.initial.rebalance.delay.ms=0
+# Abort the open transaction of a SIGKILLed sink within ~1 s of its timeout (default 10 s).
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 auto.create.topics.enable=true
 delete.topic.enable=true
 log.retention.hours=168

@@ -53,11 +53,16 @@ def producer_config(settings: Settings, transactional: bool) -> dict[str, Any]:
         "compression.type": "zstd",
     }
     if transactional:
-        # Unique per process: zombie fencing comes from the consumer group metadata (KIP-447).
-        conf["transactional.id"] = (
+        # Zombie fencing comes from the consumer group metadata (KIP-447), so the id only has
+        # to be unique.  A stable one (KAFKA_TRANSACTIONAL_ID, e.g. the pod name) also lets a
+        # restarted instance abort its predecessor's open transaction at once.
+        conf["transactional.id"] = settings.kafka_transactional_id or (
             f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         )
-        conf["transaction.timeout.ms"] = 60_000
+        # A transaction lives for milliseconds (produce + send offsets + commit).  Keep the
+        # timeout short: the offsets of a killed instance's open transaction stay "pending"
+        # (consumers of the group wait on them) until the broker aborts it after this.
+        conf["transaction.timeout.ms"] = 10_000
     return conf
 
 

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # DLQ records + offset commit in one Kafka transaction (exactly-once DLQ).  false = produce,
     # wait for acks, then commit (at-least-once DLQ) for clusters without transaction ACLs.
     kafka_transactional: bool = True
+    # Empty = unique per process.  Set a stable, per-replica value (pod name) so a restart
+    # aborts the previous process's open transaction immediately instead of after 10 s.
+    kafka_transactional_id: str = ""
 
     # --- Database
     timescale_host: str = "timescaledb"
