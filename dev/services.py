@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,8 +188,27 @@ def kafka_running() -> bool:
     return _kafka_pid() is not None and _port_open(KAFKA_PORT)
 
 
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Serialise starts/stops across processes (parallel test sessions share the servers)."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def start_kafka(timeout: float = 90.0) -> str:
     """Start the broker if it is not running; returns the bootstrap address."""
+    if kafka_running():
+        return KAFKA_BOOTSTRAP
+    with _locked("kafka"):
+        return _start_kafka(timeout)
+
+
+def _start_kafka(timeout: float) -> str:
     if kafka_running():
         return KAFKA_BOOTSTRAP
     _ensure_kafka_jars()
@@ -239,6 +260,11 @@ def _log_has(path: Path, offset: int, needle: str) -> bool:
 
 def stop_kafka(kill: bool = False, timeout: float = 60.0) -> None:
     """Stop the broker: SIGTERM (clean, waits) or SIGKILL (crash, for chaos tests)."""
+    with _locked("kafka"):
+        _stop_kafka(kill, timeout)
+
+
+def _stop_kafka(kill: bool, timeout: float) -> None:
     pid = _kafka_pid()
     if pid is None:
         return
@@ -340,6 +366,11 @@ def pg_running() -> bool:
 
 def start_postgres(timeout: float = 60.0) -> str:
     """Start the project's cluster if needed, create role + database; returns a conninfo."""
+    with _locked("postgres"):
+        return _start_postgres(timeout)
+
+
+def _start_postgres(timeout: float) -> str:
     bindir = _ensure_pg_installed()
     home, data, run = _pg_paths()
     user = _run_as()
@@ -407,6 +438,11 @@ def psql_admin(sql: str, db: str = PG_DB) -> str:
 
 def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
     """pg_ctl stop with mode fast (clean) or immediate (crash-like, for chaos tests)."""
+    with _locked("postgres"):
+        _stop_postgres(mode, timeout)
+
+
+def _stop_postgres(mode: str, timeout: float) -> None:
     bindir = _pg_bindir()
     if bindir is None or not pg_running():
         return
