@@ -270,6 +270,11 @@ def _stop_kafka(kill: bool, timeout: float) -> None:
         return
     os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
     _wait_gone(pid, timeout)
+    # A killed JVM's leader thread turns zombie before its other threads have exited and its
+    # sockets are closed: wait for the port too, or a quick restart finds it still taken.
+    deadline = time.monotonic() + 30
+    while _port_open(KAFKA_PORT) and time.monotonic() < deadline:
+        time.sleep(0.1)
     if kill:
         # The port is freed with the process; nothing else to clean: restart recovers the logs.
         log(f"kafka killed (pid {pid})")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # missing from the stub
 
 from dev import services
@@ -194,10 +194,24 @@ def committed_offsets(group: str, topic: str, *, bootstrap: str | None = None) -
     try:
         md = c.list_topics(topic, timeout=10)
         tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
-        res = c.committed(tps, timeout=10)
-        return {tp.partition: tp.offset for tp in res if tp.offset >= 0}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                res = c.committed(tps, timeout=10)
+                return {tp.partition: tp.offset for tp in res if tp.offset >= 0}
+            except KafkaException as e:
+                # Right after a broker restart the group coordinator is still loading.
+                err = e.args[0] if e.args else None
+                if err is None or (not err.retriable() and err.code() not in _COORDINATOR_LOADING) \
+                        or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         c.close()
+
+
+_COORDINATOR_LOADING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                                  KafkaError.COORDINATOR_NOT_AVAILABLE})
 
 
 # --------------------------------------------------------------------------- PostgreSQL

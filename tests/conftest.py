@@ -25,6 +25,7 @@ def infra() -> Iterator[None]:
 @pytest.fixture
 def topic(infra: None) -> Iterator[str]:
     """A fresh 3-partition input topic (and its DLQ topic) for one test."""
+    services.start_kafka()  # a no-op when running; restarts a broker an earlier test left down
     name = testkit.unique_name("t")
     testkit.create_topic(name, partitions=3)
     testkit.create_topic(f"{name}.dlq", partitions=3)
@@ -35,6 +36,7 @@ def topic(infra: None) -> Iterator[str]:
 @pytest.fixture
 def schema(infra: None) -> Iterator[str]:
     """A fresh PostgreSQL schema; the sink creates iot_measurements in it via migrations."""
+    services.start_postgres()  # a no-op when running
     name = testkit.unique_name("s")
     testkit.create_schema(name)
     yield name

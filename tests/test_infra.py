@@ -31,9 +31,11 @@ def test_broker_killed_and_restarted_keeps_topics_and_committed_offsets(infra: N
     c.commit(offsets=[TopicPartition(topic, 0, 7)], asynchronous=False)
     c.close()
 
-    services.stop_kafka(kill=True)
-    assert not services.kafka_running()
-    services.start_kafka()
+    try:
+        services.stop_kafka(kill=True)
+        assert not services.kafka_running()
+    finally:
+        services.start_kafka()
 
     assert testkit.committed_offsets(group, topic) == {0: 7}
     assert testkit.end_offsets(topic) == {0: 10, 1: 0}
