@@ -71,7 +71,7 @@ def _kafka_error(e: KafkaException) -> Any:
 
 
 class TransactionalCommitter:
-    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 30.0) -> None:
+    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 10.0) -> None:
         self._settings = settings
         self._source = source
         self._topic = dlq_topic
@@ -136,7 +136,7 @@ class TransactionalCommitter:
 
     def _commit(self, p: Producer) -> None:
         # A retriable commit error leaves the transaction committing: commit again, never abort.
-        for _ in range(5):
+        for _ in range(3):
             try:
                 p.commit_transaction(self._timeout)
                 self._in_txn = False

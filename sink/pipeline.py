@@ -26,6 +26,7 @@ from sink.metrics import Metrics
 from sink.model import Row
 from sink.settings import Settings
 from sink.types import Rejection, SourceRecord, WriteResult
+from sink.watchdog import Watchdog
 
 log = get_logger("sink.pipeline")
 
@@ -75,6 +76,9 @@ class PipelineConfig:
     shutdown_timeout: float = 30.0
     poll_timeout: float = 0.5
     idle_db_check: float = 5.0  # seconds without a write before /readyz pings the database
+    # The Kafka side of a batch takes milliseconds; its calls time out after 10 s each.  Past
+    # this, a librdkafka call ignored its timeout: exit and let the supervisor restart us.
+    commit_deadline: float = 90.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> PipelineConfig:
@@ -98,7 +102,8 @@ class _Written:
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: Source, writer: Writer, committer: Committer, *,
                  breaker: DlqBreaker | None = None, metrics: Metrics | None = None,
-                 health: HealthState | None = None, clock: Clock = time.monotonic) -> None:
+                 health: HealthState | None = None, clock: Clock = time.monotonic,
+                 watchdog: Watchdog | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.writer = writer
@@ -107,6 +112,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.health = health or HealthState()
         self._clock = clock
+        self.watchdog = watchdog or Watchdog(cfg.commit_deadline)
         self.batcher = Batcher(cfg.batch_size, cfg.batch_timeout, clock)
         self._inflight: Batch | None = None
         self._held: list[SourceRecord] = []
@@ -245,7 +251,8 @@ class Pipeline:
 
     def _commit(self, batch: Batch, envelopes: list[tuple[TP, DlqRecord]]) -> None:
         owned = set(batch.ranges)
-        self.committer.complete([env for tp, env in envelopes if tp in owned], batch.commit_offsets())
+        with self.watchdog.guard("kafka_commit"):
+            self.committer.complete([env for tp, env in envelopes if tp in owned], batch.commit_offsets())
 
     # ------------------------------------------------------------------ retries
 

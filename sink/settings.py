@@ -131,6 +131,9 @@ class Settings(BaseSettings):
             password=self.timescale_password.get_secret_value(),
             connect_timeout=self.timescale_connect_timeout,
             application_name="kafka-timescale-sink",
+            # Notice a dead peer in about a minute, not after the kernel's two hours.
+            keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+            tcp_user_timeout=60_000,
             options=f"-c search_path={self.timescale_schema},public",
         )
 

@@ -72,9 +72,13 @@ class KafkaSource:
     def _assigned(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("partitions_assigned", topic=self.topic, partitions=sorted(p for _, p in tps))
-        if self._paused and partitions:
-            # Stay paused across a rebalance while the database is down.
-            consumer.pause(partitions)
+        # librdkafka keeps a partition's pause flag across revoke/assign: set it explicitly, or
+        # a partition paused during an outage and handed back later would never be read again.
+        if partitions:
+            if self._paused:
+                consumer.pause(partitions)  # stay paused across a rebalance while the DB is down
+            else:
+                consumer.resume(partitions)
         self._on_assign(tps)
 
     def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -20,7 +21,14 @@ TABLE = "iot_measurements"
 STAGE = "_sink_stage"
 # A lock held on the table (or a stuck statement) must not block us for ever: the error is
 # retryable (55P03 / 57014), and between attempts we keep polling Kafka to stay in the group.
-SESSION_SETTINGS = {"lock_timeout": "10s", "statement_timeout": "120s"}
+# TimeZone UTC: RETURNING then yields datetimes in datetime.UTC, the zone of the model's rows, and
+# matching returned keys against rows is a plain tuple comparison (with a ZoneInfo on one side,
+# every comparison calls utcoffset() on both: ~4 µs instead of ~1 µs per row, measured).
+# idle_in_transaction_session_timeout: if our end of a connection dies mid-transaction (NAT,
+# load balancer), the server ends the orphaned session instead of holding its row locks (and
+# failing every retry with a lock timeout) until TCP keepalive notices, hours later.
+SESSION_SETTINGS = {"lock_timeout": "10s", "statement_timeout": "120s", "TimeZone": "UTC",
+                    "idle_in_transaction_session_timeout": "20s"}
 
 
 def insert_statement(columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
@@ -36,12 +44,14 @@ def insert_statement(columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMA
 def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]],
                         pk_index: Sequence[int]) -> WriteResult:
     """Which input rows were new: the first row of each returned key; the rest were duplicates."""
+    if len(returned) == len(rows):  # every row came back: all new (the usual batch, and no hashing)
+        return WriteResult(inserted=len(rows), duplicates=0)
     remaining: dict[tuple[Any, ...], int] = {}
     for key in returned:
         remaining[key] = remaining.get(key, 0) + 1
     dups: list[int] = []
-    for i, row in enumerate(rows):
-        key = tuple(row[j] for j in pk_index)
+    key_of = itemgetter(*pk_index) if len(pk_index) > 1 else lambda row: (row[pk_index[0]],)
+    for i, key in enumerate(map(key_of, rows)):
         n = remaining.get(key, 0)
         if n:
             remaining[key] = n - 1

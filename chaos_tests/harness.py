@@ -1,0 +1,300 @@
+"""The chaos scenario harness: seed, producer + ledger, checker, sinks, faults, summary.
+
+A Scenario owns everything one test starts and tears it all down (sinks killed, threads
+stopped, the broker and database running again for the next test).  Fault *plans* (what,
+when, how long) and record contents come from Randoms seeded with CHAOS_SEED and the
+scenario's name; the operating system's timing is not reproducible, the plan is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos_tests.checker import DlqReader, OffsetChecker
+from chaos_tests.faults import dump_stack, ensure_services
+from chaos_tests.invariants import Outcome, check_final
+from chaos_tests.ledger import Ledger, StreamProducer
+from chaos_tests.records import RecordFactory
+from dev import testkit
+
+# ---------------------------------------------------------------------------- seed and profile
+
+
+def _seed_from_env() -> int:
+    raw = os.environ.get("CHAOS_SEED", "").strip()
+    return int(raw) if raw else random.SystemRandom().randrange(1, 2**31)
+
+
+SEED = _seed_from_env()
+SUMMARIES: list[str] = []  # one line per scenario, printed again in pytest's terminal summary
+
+
+@dataclass(frozen=True)
+class Profile:
+    """CI (default): short streams, few faults.  CHAOS_SOAK=1: longer streams, more faults;
+    CHAOS_SCALE=N multiplies both further (soak only)."""
+
+    soak: bool
+    scale: int
+
+    @classmethod
+    def from_env(cls) -> Profile:
+        soak = os.environ.get("CHAOS_SOAK", "").strip().lower() in {"1", "true", "yes", "on"}
+        scale = int(os.environ.get("CHAOS_SCALE", "5" if soak else "1")) if soak else 1
+        return cls(soak, max(1, scale))
+
+    def n(self, ci: int) -> int:
+        """A count (records, faults) for this profile."""
+        return ci * self.scale
+
+    def secs(self, ci: float, soak: float) -> float:
+        return soak if self.soak else ci
+
+
+PROFILE = Profile.from_env()
+
+# Sinks in chaos tests: small batches (many commits, many places to crash), fast retries, and a
+# short session timeout so that a SIGKILLed member leaves the group in seconds, not 45.
+CHAOS_SINK_ENV: dict[str, Any] = {
+    "batch_size": 200,
+    "batch_timeout": 0.3,
+    "retry_initial_backoff": 0.2,
+    "retry_max_backoff": 2,
+    "kafka_extra_config": json.dumps({"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}),
+    # SIGABRT then dumps every thread's Python stack into the log: how a hung sink is diagnosed.
+    "pythonfaulthandler": "1",
+}
+
+
+# ---------------------------------------------------------------------------- the scenario
+
+
+@dataclass
+class Fault:
+    kind: str
+    started: float
+    healed: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Scenario:
+    name: str
+    topic: str
+    schema: str
+    group: str
+    logdir: Path
+    partitions: int = 3
+    seed: int = SEED
+    profile: Profile = PROFILE
+    sinks: list[testkit.SinkProcess] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.rng = random.Random(f"{self.seed}/{self.name}/faults")
+        self.factory = RecordFactory(random.Random(f"{self.seed}/{self.name}/data"), self.name)
+        self.ledger = Ledger(self.partitions)
+        self.producer = StreamProducer(self.topic, self.ledger, random.Random(f"{self.seed}/{self.name}/route"))
+        self.dlq = DlqReader(f"{self.topic}.dlq")
+        self.checker = OffsetChecker(self.ledger, self.topic, self.group, self.schema, self.dlq).start()
+        self.outcome: Outcome | None = None
+        self.note(f"seed={self.seed} profile={'soak' if self.profile.soak else 'ci'} "
+                  f"(CHAOS_SEED={self.seed} reproduces this plan)")
+
+    # ------------------------------------------------------------------ logging
+
+    def note(self, msg: str) -> None:
+        print(f"[chaos {self.name} +{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ sinks
+
+    def sink(self, **env: Any) -> testkit.SinkProcess:
+        merged = {**CHAOS_SINK_ENV, **env}
+        s = testkit.SinkProcess(testkit.sink_env(self.schema, self.topic, self.group, **merged),
+                                self.logdir / f"sink-{len(self.sinks)}.log").start()
+        self.sinks.append(s)
+        self.note(f"sink {len(self.sinks) - 1} started (pid {s.pid})")
+        return s
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for s in self.sinks for e in s.events() if name is None or e.get("event") == name]
+
+    def wait_table(self, timeout: float = 60) -> None:
+        def exists() -> bool:
+            with testkit.connect(self.schema) as conn:
+                row = conn.execute("SELECT to_regclass('iot_measurements') IS NOT NULL").fetchone()
+                return bool(row and row[0])
+
+        testkit.wait_for(exists, timeout, what="iot_measurements created by the sink's migrations")
+
+    def wait_assigned(self, sink: testkit.SinkProcess, timeout: float = 60) -> None:
+        testkit.wait_for(lambda: any(e.get("event") == "partitions_assigned" for e in sink.events()), timeout,
+                         what="partitions assigned to the sink")
+
+    def wait_progress(self, timeout: float = 60) -> None:
+        """Until the committed offsets grow past where they are now."""
+        start = self.checker.stats.progress[-1][1] if self.checker.stats.progress else 0
+        self._wait(lambda: bool(self.checker.stats.progress) and self.checker.stats.progress[-1][1] > start,
+                   timeout, "an offset commit")
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """wait_for, but fails at once if every sink has exited, and a timeout SIGABRTs the
+        live sinks (PYTHONFAULTHANDLER=1) to show in the assertion where each of them hangs."""
+
+        def done() -> bool:
+            if predicate():
+                return True
+            if self.sinks and not any(s.alive() for s in self.sinks):
+                raise AssertionError(f"every sink exited while waiting for {what} (CHAOS_SEED={self.seed}): "
+                                     + "; ".join(f"pid {s.pid} exit {s.proc.returncode if s.proc else None}, "
+                                                 f"last event {self._last_event(s)}" for s in self.sinks[-3:]))
+            return False
+
+        try:
+            testkit.wait_for(done, timeout, interval=0.3, what=what)
+        except TimeoutError:
+            stacks = [f"sink pid {s.pid} (last event {self._last_event(s)}):\n{dump_stack(s)}"
+                      for s in self.sinks if s.alive()]
+            raise AssertionError(f"no {what} within {timeout:.0f}s (CHAOS_SEED={self.seed}); "
+                                 f"{len(stacks)} live sink(s)\n" + "\n".join(stacks)) from None
+
+    @staticmethod
+    def _last_event(sink: testkit.SinkProcess) -> str:
+        evs = sink.events()
+        if not evs:
+            return "none"
+        last = evs[-1]
+        reason = f" ({last['reason']})" if "reason" in last else ""
+        return f"{last.get('event')}{reason} at {last.get('timestamp')}"
+
+    # ------------------------------------------------------------------ faults
+
+    @contextlib.contextmanager
+    def fault(self, kind: str, detail: str = "") -> Iterator[Fault]:
+        """Record a fault: from entering the block (injected) to leaving it (healed)."""
+        f = Fault(kind, time.monotonic(), detail=detail)
+        self.faults.append(f)
+        self.note(f"fault {kind} {detail}".rstrip())
+        try:
+            yield f
+        finally:
+            f.healed = time.monotonic()
+            self.note(f"healed {kind} {f.detail} after {f.healed - f.started:.1f}s")
+
+    def recovery_times(self) -> list[tuple[Fault, float]]:
+        """Per healed fault: from healing to the next growth of the committed offsets."""
+        out = []
+        for f in self.faults:
+            if f.healed is None:
+                continue
+            nxt = [t for t, _ in self.checker.stats.progress if t > f.healed]
+            if nxt:
+                out.append((f, nxt[0] - f.healed))
+        return out
+
+    # ------------------------------------------------------------------ the end
+
+    def wait_caught_up(self, timeout: float = 120) -> float:
+        """Until the group committed every input record; returns how long that took."""
+        start = time.monotonic()
+        ends = {p: o for p, o in testkit.end_offsets(self.topic).items() if o > 0}
+        last: dict[int, int] = {}
+
+        def caught_up() -> bool:
+            try:
+                last.update(testkit.committed_offsets(self.group, self.topic))
+            except Exception:  # the broker may still be finding its feet
+                return False
+            return last == ends
+
+        try:
+            self._wait(caught_up, timeout, "commit of every input record")
+        except AssertionError as e:
+            behind = {p: f"{last.get(p, 0)}/{o}" for p, o in sorted(ends.items()) if last.get(p, 0) < o}
+            raise AssertionError(f"{e}\npartitions behind (committed/end): {behind}") from None
+        return time.monotonic() - start
+
+    def finish(self, upto: dict[int, int] | None = None, catch_up: float = 120) -> Outcome:
+        """Stop producing, wait until everything is committed (unless `upto` says where the
+        sink stopped), take a last checker sample, and check the final invariants."""
+        self.producer.wait()
+        if upto is None:
+            self.extra["catch_up_s"] = self.wait_caught_up(catch_up)
+        self.checker.stop()
+        # The DLQ is complete once no transaction is open on it (an abandoned one times out).
+        t = time.monotonic()
+        testkit.wait_for(self.dlq.stable, 90, interval=0.5, what="no open transaction on the DLQ")
+        self.extra["dlq_settle_s"] = time.monotonic() - t
+        self.dlq.drain(10)
+        self.checker.check_once(final=True)
+        table = testkit.rows(self.schema)
+        out = check_final(self.ledger.all(), table, self.dlq.records, self.topic, upto)
+        self.outcome = out
+        self.summarise()
+        return out
+
+    def assert_invariants(self, upto: dict[int, int] | None = None) -> Outcome:
+        out = self.outcome or self.finish(upto)
+        stats = self.checker.stats
+        problems = out.problems + [f"during the run: {v}" for v in stats.violations[:10]] + stats.regressions[:10]
+        assert not problems, (f"chaos scenario {self.name} (CHAOS_SEED={self.seed}) broke invariants:\n  "
+                              + "\n  ".join(problems) + f"\nsink logs: {self.logdir}")
+        assert stats.samples > 5, f"the offset checker took only {stats.samples} samples"
+        return out
+
+    def summarise(self) -> str:
+        produced = self.ledger.all()
+        kinds: dict[str, int] = {}
+        for r in produced:
+            k = r.planned.kind if r.planned.kind in ("valid", "replay", "write_poison") else "invalid"
+            kinds[k] = kinds.get(k, 0) + 1
+        written = self.events("batch_written")
+        fault_kinds: dict[str, int] = {}
+        for f in self.faults:
+            fault_kinds[f.kind] = fault_kinds.get(f.kind, 0) + 1
+        recs = self.recovery_times()
+        rec = [r for _, r in recs]
+        if recs:
+            self.note("recovery per fault: " + ", ".join(f"{f.kind}[{f.detail}] {r:.1f}s" for f, r in recs))
+        out = self.outcome
+        line = (
+            f"chaos {self.name}: seed={self.seed} produced={len(produced)} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}) "
+            f"inserted={out.rows if out else '?'} (sink says {sum(e.get('inserted', 0) for e in written)}) "
+            f"duplicates_absorbed={sum(e.get('duplicates', 0) for e in written)} "
+            f"dlq={out.dlq if out else '?'} "
+            f"faults={len(self.faults)} ({', '.join(f'{k} x{v}' for k, v in fault_kinds.items()) or 'none'}) "
+            f"recovery={f'max {max(rec):.1f}s mean {statistics.mean(rec):.1f}s' if rec else '-'} "
+            f"checker_samples={self.checker.stats.samples} "
+            + " ".join(f"{k}={v:.1f}s" if isinstance(v, float) else f"{k}={v}" for k, v in self.extra.items())
+            + f" duration={time.monotonic() - self.t0:.0f}s"
+        )
+        SUMMARIES.append(line)
+        print(line, file=sys.stderr, flush=True)
+        (self.logdir / "summary.txt").parent.mkdir(parents=True, exist_ok=True)
+        (self.logdir / "summary.txt").write_text(line + "\n")
+        return line
+
+    def close(self) -> None:
+        for s in self.sinks:
+            if s.alive():
+                s.kill()
+        self.producer.close()
+        self.checker.close()
+        if self.outcome is None:
+            self.summarise()  # a partial line for a scenario that failed early
+        ensure_services()
+        with contextlib.suppress(Exception):
+            self.dlq.close()

@@ -1,0 +1,176 @@
+"""Scenarios 2 and 3: PostgreSQL restarted and its connections terminated while batches are in
+flight; PostgreSQL down for longer than max.poll.interval.ms would allow a non-polling consumer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from chaos_tests.faults import RssSampler, terminate_sink_backends
+from chaos_tests.harness import Scenario
+from dev import services, testkit
+from dev.proxy import TcpProxy
+
+pytestmark = pytest.mark.chaos
+
+MiB = 1024
+
+
+def _terminate_in_flight(timeout: float = 5.0) -> str:
+    """pg_terminate_backend on the sink's connection while it is inside a statement or a
+    transaction (polled every few ms); falls back to an idle connection at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = terminate_sink_backends(busy_only=True)
+        if n:
+            return f"{n} busy backend(s)"
+        time.sleep(0.005)
+    return f"{terminate_sink_backends(busy_only=False)} idle backend(s)"
+
+
+def test_postgres_restarts_and_terminated_connections_lose_nothing(chaos: Callable[..., Scenario]) -> None:
+    sc = chaos()
+    plan = ["terminate"] * sc.profile.n(3) + ["restart"] * sc.profile.n(2)
+    sc.rng.shuffle(plan)
+    sink = sc.sink()
+    sc.producer.stream(lambda: sc.factory.mixed(invalid=0.03, replay=0.03), None, rate=400)
+    sc.wait_table()
+    for fault in plan:
+        sc.wait_progress(90)
+        time.sleep(sc.rng.uniform(0.2, 2.0))
+        if fault == "terminate":
+            with sc.fault("pg_terminate_backend") as f:
+                f.detail = _terminate_in_flight()
+        else:
+            down = sc.rng.uniform(0.5, 4.0)
+            with sc.fault("pg_restart_immediate", f"down {down:.1f}s"):
+                services.stop_postgres("immediate")
+                time.sleep(down)
+                services.start_postgres()
+    sc.wait_progress(90)
+    sc.producer.stop_stream()
+    sc.assert_invariants()
+    assert sink.alive(), "the sink exited on a database fault instead of retrying"
+    events = {e["event"] for e in sink.events()}
+    assert {"retrying", "recovered"} <= events
+    assert sink.stop() == 0
+
+
+def test_database_connections_reset_or_stalled_by_the_network_lose_nothing(chaos: Callable[..., Scenario]) -> None:
+    """Through a TCP proxy: connections reset (RST) at random moments, including mid-COPY and
+    mid-COMMIT (where the client cannot know whether the server committed), and stalls."""
+    sc = chaos()
+    proxy = TcpProxy("127.0.0.1", services.PG_PORT).start()
+    try:
+        sink = sc.sink(timescale_port=proxy.port)
+        plan = ["reset"] * sc.profile.n(4) + ["stall"] * sc.profile.n(2)
+        sc.rng.shuffle(plan)
+        sc.producer.stream(lambda: sc.factory.mixed(invalid=0.03, replay=0.03), None, rate=500)
+        sc.wait_table()
+        for fault in plan:
+            sc.wait_progress(90)
+            time.sleep(sc.rng.uniform(0.05, 1.5))
+            if fault == "reset":
+                with sc.fault("network_reset") as f:
+                    f.detail = f"{proxy.cut()} connection(s)"
+            else:
+                stall = sc.rng.uniform(1.0, 5.0)
+                with sc.fault("network_stall", f"{stall:.1f}s"):
+                    proxy.stall(stall)
+        sc.wait_progress(90)
+        sc.producer.stop_stream()
+        sc.assert_invariants()
+        assert sink.alive(), "the sink exited on a reset connection instead of retrying"
+        assert sink.stop() == 0
+    finally:
+        proxy.close()
+
+
+def _sink_backends() -> list[tuple[int, str, str]]:
+    """(pid, state, query) of the sink's database sessions."""
+    with testkit.connect() as conn:
+        return [(int(pid), str(state), str(query)) for pid, state, query in conn.execute(
+            "SELECT pid, state, query FROM pg_stat_activity WHERE application_name = 'kafka-timescale-sink'")]
+
+
+def test_connection_reset_while_its_backend_stays_in_a_transaction_does_not_wedge_the_sink(
+        chaos: Callable[..., Scenario]) -> None:
+    """A load balancer or NAT that loses its state resets the sink's connection, and the server
+    never hears of it: the old session stays 'idle in transaction', holding the rows of the batch
+    the sink is about to retry.  The sink must get going again by itself, not wait on those row
+    locks until the server's TCP keepalive notices (hours by default)."""
+    sc = chaos()
+    proxy = TcpProxy("127.0.0.1", services.PG_PORT).start()
+    try:
+        sink = sc.sink(timescale_port=proxy.port)
+        sc.producer.stream(lambda: sc.factory.mixed(invalid=0.03, replay=0.03), None, rate=500)
+        sc.wait_table()
+        sc.wait_progress(90)
+        zombies: list[tuple[int, str, str]] = []
+        with sc.fault("half_open_connection") as f, testkit.connect() as conn:
+            deadline = time.monotonic() + 20
+            while not zombies and time.monotonic() < deadline:
+                # Sever the moment the sink's session has inserted the batch and not committed.
+                busy = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'kafka-timescale-sink' "
+                    "AND query LIKE 'INSERT%' AND state IN ('active', 'idle in transaction')").fetchone()
+                if busy and busy[0]:
+                    proxy.sever()
+                    time.sleep(0.1)
+                    zombies = [b for b in _sink_backends() if b[1] == "idle in transaction"]
+            f.detail = f"sessions left in a transaction: {[pid for pid, _, _ in zombies] or 'none (timing)'}"
+        sc.producer.stop_stream()
+        sc.producer.wait()
+        sc.extra["catch_up_s"] = sc.wait_caught_up(60)
+        sc.assert_invariants()
+        assert sink.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_long_postgres_outage_keeps_the_sink_in_its_group_with_bounded_memory(
+        chaos: Callable[..., Scenario]) -> None:
+    sc = chaos()
+    max_poll_ms = 10_000
+    outages = [sc.rng.uniform(13, 16) if not sc.profile.soak else sc.rng.uniform(30, 60)
+               for _ in range(sc.profile.n(1))]
+    sink = sc.sink(kafka_max_poll_interval_ms=max_poll_ms, batch_size=1000)
+    rss = RssSampler(sink.pid)
+    sc.producer.stream(lambda: sc.factory.mixed(invalid=0.02, replay=0.02), None, rate=300)
+    sc.wait_table()
+    growth: list[int] = []
+    for down in outages:
+        sc.wait_progress(90)
+        time.sleep(sc.rng.uniform(0.2, 2.0))
+        with sc.fault("pg_down", f"{down:.1f}s > max.poll.interval {max_poll_ms / 1000:.0f}s"):
+            services.stop_postgres(sc.rng.choice(["fast", "immediate"]))
+            t_down = time.monotonic()
+            # A backlog for the paused consumer: if the sink buffered what it cannot write, it
+            # would show in its memory.
+            sc.producer.send((sc.factory.valid() for _ in range(sc.profile.n(30_000) // sc.profile.scale)),
+                             flush=False)
+            time.sleep(max(0.0, down - (time.monotonic() - t_down)))
+            t_up = time.monotonic()
+            services.start_postgres()
+        growth.append(rss.peak(t_down, t_up) - rss.at(t_down))
+        sc.note(f"RSS while the database was down: start {rss.at(t_down) / MiB:.0f} MiB, "
+                f"peak {rss.peak(t_down, t_up) / MiB:.0f} MiB")
+        assert sink.alive(), "the sink exited while the database was down"
+    sc.wait_progress(120)
+    sc.producer.stop_stream()
+    rss.stop()
+    sc.extra["rss_growth_mib"] = max(growth) // MiB
+    sc.assert_invariants()
+    events = sink.events()
+    names = [e["event"] for e in events]
+    assert "partitions_revoked" not in names and "partitions_lost" not in names, \
+        "the sink left its group during the outage (max.poll.interval.ms exceeded?)"
+    assert not [e for e in events if e["event"] == "kafka_error" and "POLL" in str(e.get("error_class"))]
+    assert names.count("partitions_assigned") == 1
+    assert "recovered" in names
+    # Paused partitions are not fetched; what is held is one batch and librdkafka's bounded
+    # prefetch (16 MiB).  Buffering the ~10 MB backlog as Python objects would show as >100 MiB.
+    assert max(growth) < 64 * MiB, f"RSS grew by {max(growth) / MiB:.0f} MiB while the database was down"
+    assert sink.stop() == 0
