@@ -1,27 +1,15 @@
-"""Fixtures over the real local Kafka broker and PostgreSQL (started by dev/services.py), and
-the chaos scenario fixture with its summary in pytest's terminal report."""
+"""The chaos scenario fixture (with its summary in pytest's terminal report) and a `schema`
+whose teardown ends leftover sessions; the shared fixtures are in the root conftest.py."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from chaos_tests import faults, harness
-from dev import services, testkit
-
-
-@pytest.fixture(scope="session")
-def infra() -> Iterator[None]:
-    """Start (or reuse) the local broker and database; missing ones fail the run, never skip."""
-    try:
-        services.start_kafka()
-        services.start_postgres()
-    except services.ServiceError as e:
-        pytest.fail(f"local Kafka/PostgreSQL could not be started (CI={os.environ.get('CI')}): {e}")
-    yield
+from dev import testkit
 
 
 @pytest.fixture
@@ -37,16 +25,6 @@ def schema(infra: None) -> Iterator[str]:
     with testkit.connect() as conn:
         conn.execute("SET lock_timeout = '30s'")
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-
-
-@pytest.fixture
-def group() -> str:
-    return testkit.unique_name("g")
-
-
-@pytest.fixture
-def logdir(tmp_path: Path) -> Path:
-    return tmp_path / "logs"
 
 
 @pytest.fixture

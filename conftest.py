@@ -1,4 +1,5 @@
-"""Fixtures over the real local Kafka broker and PostgreSQL (started by dev/services.py)."""
+"""Fixtures over the real local Kafka broker and PostgreSQL (started by dev/services.py),
+shared by tests/ and chaos_tests/ (which overrides `schema` with a more forceful teardown)."""
 
 from __future__ import annotations
 
