@@ -68,7 +68,10 @@ def _number_from_string(s: str) -> float | int | None:
         return None
 
 
-def _convert_timestamp(v: Any) -> Any:
+def convert_timestamp(v: Any) -> Any:
+    """Epoch numbers and numeric strings -> datetime; anything else unchanged (for pydantic's parser).
+
+    Shared with sink/decode.py's fast path, like convert_value and to_utc: one copy of each rule."""
     if isinstance(v, bool):
         raise ValueError("timestamp must be a date-time string or epoch number, not a boolean")
     if isinstance(v, int):
@@ -85,14 +88,14 @@ def _convert_timestamp(v: Any) -> Any:
     return v  # ISO strings and datetimes: pydantic's own (Rust) parser
 
 
-def _to_utc(v: datetime) -> datetime:
+def to_utc(v: datetime) -> datetime:
     try:
         return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
     except OverflowError:
         raise ValueError("timestamp out of range") from None
 
 
-def _convert_value(v: Any) -> float | None:
+def convert_value(v: Any) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool):
@@ -132,8 +135,8 @@ def _number_to_text(v: Any) -> Any:
     return v
 
 
-Timestamp = Annotated[datetime, BeforeValidator(_convert_timestamp), AfterValidator(_to_utc)]
-Value = Annotated[float | None, BeforeValidator(_convert_value)]
+Timestamp = Annotated[datetime, BeforeValidator(convert_timestamp), AfterValidator(to_utc)]
+Value = Annotated[float | None, BeforeValidator(convert_value)]
 
 
 def _text(max_length: int, min_length: int = 0) -> Any:

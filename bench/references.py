@@ -1,0 +1,115 @@
+"""The two yardsticks, Kafka excluded: raw binary COPY (the ceiling) and the reference design.
+
+Both write into a fresh copy of the sink's table (``LIKE ... INCLUDING ALL``: same columns,
+primary key and indexes) in the same database the sink writes to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from pydantic import ValidationError
+
+from bench.procstat import cpu_seconds
+from dev import testkit
+from sink.model import COLUMNS, IotMeasurement, Row, as_row
+
+TABLE = "iot_measurements"
+_TYPES = ["timestamptz", "varchar", "varchar", "varchar", "varchar", "float8", "varchar", "varchar"]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """How long one yardstick took for the whole input, and how many rows it wrote."""
+
+    records: int  # input records (the same N the sink drains)
+    rows: int  # rows written
+    seconds: float
+    cpu_s: float  # CPU seconds of this (client) process
+    db_cpu_s: float  # CPU seconds of its PostgreSQL backend
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def fresh_table(template_schema: str) -> str:
+    """A new schema holding an empty copy of the template's iot_measurements."""
+    schema = testkit.create_schema(testkit.unique_name("bench_ref"))
+    with testkit.connect() as conn:
+        conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
+            sql.Identifier(schema, TABLE), sql.Identifier(template_schema, TABLE)))
+    return schema
+
+
+def _timed(conn: psycopg.Connection[Any], records: int, work: Callable[[], None]) -> Timed:
+    """Run `work` on the connection; wall time, client CPU and the backend's CPU around it."""
+    backend = conn.info.backend_pid
+    db0, cpu0, t0 = cpu_seconds(backend) or 0.0, time.process_time(), time.perf_counter()
+    work()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    db = (cpu_seconds(backend) or db0) - db0
+    return Timed(records, _count(conn), seconds, cpu, db)
+
+
+def _count(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))).fetchone()
+    return int(row[0]) if row else 0
+
+
+def ceiling(schema: str, distinct_rows: Sequence[Row], records: int, batch_size: int) -> Timed:
+    """Binary COPY of the valid, de-duplicated rows, one transaction per `batch_size` rows.
+
+    No validation, no conflict handling: what the table takes at best from one Python client."""
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(TABLE), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
+    with testkit.connect(schema, autocommit=False) as conn:
+
+        def work() -> None:
+            for i in range(0, len(distinct_rows), batch_size):
+                with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                    copy.set_types(_TYPES)
+                    for row in distinct_rows[i:i + batch_size]:
+                        copy.write_row(row)
+                conn.commit()
+
+        return _timed(conn, records, work)
+
+
+def reference(schema: str, values: Sequence[bytes], page_size: int = 100) -> Timed:
+    """The design the sink replaces: validate each message on its own, then a plain INSERT of
+    `page_size` rows (psycopg 2's execute_batch, ported to psycopg 3's executemany, which sends
+    the page in one pipeline) and a commit per page.  ON CONFLICT DO NOTHING so that repeated
+    messages do not abort the page."""
+    insert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+        sql.Identifier(TABLE), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)))
+    validate = IotMeasurement.model_validate_json
+    with testkit.connect(schema, autocommit=False) as conn:
+
+        def work() -> None:
+            page: list[Row] = []
+            with conn.cursor() as cur:
+                for value in values:
+                    try:
+                        page.append(as_row(validate(value)))
+                    except ValidationError:
+                        continue  # the reference design logs and skips
+                    if len(page) == page_size:
+                        cur.executemany(insert, page)
+                        conn.commit()
+                        page = []
+                if page:
+                    cur.executemany(insert, page)
+                    conn.commit()
+
+        return _timed(conn, len(values), work)
