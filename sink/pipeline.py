@@ -74,7 +74,7 @@ class PipelineConfig:
     retry_max_backoff: float = 30.0
     retry_max_attempts: int = 0  # 0 = for ever
     shutdown_timeout: float = 30.0
-    poll_timeout: float = 0.5
+    poll_timeout: float = 0.05  # a batch opens (and its timeout starts) within 50 ms of its first record
     idle_db_check: float = 5.0  # seconds without a write before /readyz pings the database
     # The Kafka side of a batch takes milliseconds; its calls time out after 10 s each.  Past
     # this, a librdkafka call ignored its timeout: exit and let the supervisor restart us.
