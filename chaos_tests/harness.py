@@ -251,7 +251,8 @@ class Scenario:
         problems = out.problems + [f"during the run: {v}" for v in stats.violations[:10]] + stats.regressions[:10]
         assert not problems, (f"chaos scenario {self.name} (CHAOS_SEED={self.seed}) broke invariants:\n  "
                               + "\n  ".join(problems) + f"\nsink logs: {self.logdir}")
-        assert stats.samples > 5, f"the offset checker took only {stats.samples} samples"
+        # At least one sample during the run besides the final one (a busy machine samples slowly).
+        assert stats.samples >= 2, f"the offset checker took only {stats.samples} samples"
         return out
 
     def summarise(self) -> str:

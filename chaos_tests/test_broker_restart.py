@@ -40,18 +40,21 @@ def test_broker_sigkill_and_restart_mid_stream_loses_nothing(chaos: Callable[...
         # committed offsets unstable until transaction.timeout.ms (10 s) expires.  If a
         # librdkafka call ignores its timeout (librdkafka#5456), the sink's watchdog exits with
         # 75 after its deadline; like compose's `restart: unless-stopped`, we start it again.
-        sink = _supervise(sc, sink, deadline=time.monotonic() + 150)
+        sink = _supervise(sc, sink, sc.wait_progress, deadline=time.monotonic() + 150)
     sc.producer.stop_stream()
+    # The hang can also come late (a call made after the broker is back): supervise the drain too.
+    sink = _supervise(sc, sink, sc.wait_caught_up, deadline=time.monotonic() + 240)
     sc.assert_invariants()
     assert sink.alive(), "the sink exited when the broker went away instead of retrying"
     assert sink.stop() == 0
 
 
-def _supervise(sc: Scenario, sink: testkit.SinkProcess, deadline: float) -> testkit.SinkProcess:
-    """Wait for progress; restart a sink that its watchdog ended (exit 75), and only then."""
+def _supervise(sc: Scenario, sink: testkit.SinkProcess, wait: Callable[[float], object],
+               deadline: float) -> testkit.SinkProcess:
+    """Wait; restart a sink that its watchdog ended (exit 75), and only such a sink."""
     while True:
         try:
-            sc.wait_progress(max(1.0, deadline - time.monotonic()))
+            wait(max(1.0, deadline - time.monotonic()))
             return sink
         except Exception:
             if sink.alive() or time.monotonic() > deadline:
