@@ -5,7 +5,8 @@ Two paths, one set of rules (sink/model.py):
 * the fast path: pydantic's Rust JSON parser checks the record against ``_Wire``, a narrow
   schema with no Python validator (names, aliases, lengths and defaults taken from
   IotMeasurement), then a few lines of Python finish the row with the model's own converters
-  (epoch units, UTC, value).  It costs about a third of the model's ~20 Python validator calls.
+  (epoch units, UTC, value): 5.7-6.5 µs of CPU per record where the model, with its ~20
+  Python validator calls, takes 16-19 µs (docs/performance.md).
 * the model path: IotMeasurement itself, for every record the fast path does not take.
 
 The fast path only *accepts* what it converts exactly as the model does (tests/test_decode_fast.py
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from sink.model import (
     COLUMNS,
+    NULL_TAKES_DEFAULT,
     IotMeasurement,
     Row,
     as_row,
@@ -64,8 +66,8 @@ def _wire_model() -> type[BaseModel] | None:
             spec[name] = (float | bool | str | None, Field(None, union_mode="left_to_right"))
         elif limits is None:
             return None
-        elif f.is_required():
-            spec[name] = (Annotated[str, limits], Field(..., alias=f.alias))
+        elif name not in NULL_TAKES_DEFAULT:  # null is the model's call (an error, or None)
+            spec[name] = (Annotated[str, limits], Field(... if f.is_required() else f.default, alias=f.alias))
         elif name == "pin_position":  # upstream sends pins as numbers ("pin": 3)
             spec[name] = (Annotated[str, limits] | int | None, Field(None, alias=f.alias))
         else:  # null or missing: None here, the model's default below
@@ -80,8 +82,7 @@ _Wire = _wire_model()
 _validate_wire = _Wire.__pydantic_validator__.validate_json if _Wire is not None else None
 _wire_fields: Any = attrgetter(*COLUMNS)
 # Text fields that take the model's default when null or missing: (index, default).
-_DEFAULTS = tuple((i, _FIELDS[c].default) for i, c in enumerate(COLUMNS)
-                  if c not in ("timestamp", "value") and not _FIELDS[c].is_required())
+_DEFAULTS = tuple((i, _FIELDS[c].default) for i, c in enumerate(COLUMNS) if c in NULL_TAKES_DEFAULT)
 _PIN_MAX = getattr(_limits("pin_position"), "max_length", None) or 0
 
 

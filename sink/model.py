@@ -148,6 +148,10 @@ def _text(max_length: int, min_length: int = 0) -> Any:
     ]
 
 
+NULL_TAKES_DEFAULT: tuple[str, ...] = ("connector_mode", "component_type", "pin_position", "unit", "topic")
+"""Fields where an explicit null means the field's default (elsewhere null is an error or None)."""
+
+
 class IotMeasurement(BaseModel):
     """One row of ``iot_measurements``; field order is the table's column order."""
 
@@ -164,7 +168,7 @@ class IotMeasurement(BaseModel):
     unit: _text(20) = ""  # type: ignore[valid-type]
     topic: _text(255) = Field("", alias="original_topic")  # type: ignore[valid-type]
 
-    @field_validator("connector_mode", "component_type", "pin_position", "unit", "topic", mode="wrap")
+    @field_validator(*NULL_TAKES_DEFAULT, mode="wrap")
     @classmethod
     def _null_means_default(cls, v: Any, handler: Any, info: Any) -> Any:
         if v is None:

@@ -67,7 +67,7 @@ class Committer(Protocol):
 @dataclass(frozen=True)
 class PipelineConfig:
     topic: str
-    batch_size: int = 5000
+    batch_size: int = 2500
     batch_timeout: float = 1.0
     max_splits: int = 64
     retry_initial_backoff: float = 0.5

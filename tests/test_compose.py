@@ -26,7 +26,7 @@ SPEC_ENV = {
     "TIMESCALE_PASSWORD": "ts_password",
     "TIMESCALE_PORT": "5432",
     # The spec's names with the service's throughput defaults (README, "Configuration").
-    "BATCH_SIZE": "5000",
+    "BATCH_SIZE": "2500",
     "BATCH_TIMEOUT": "1",
 }
 _DEFAULTED = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*):-(.*)\}$")
