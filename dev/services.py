@@ -227,8 +227,9 @@ def _start_kafka(timeout: float) -> str:
         )
         if res.returncode != 0:
             raise ServiceError(f"formatting KRaft storage failed:\n{res.stdout}\n{res.stderr}")
-    if _port_open(KAFKA_PORT):
-        raise ServiceError(f"port {KAFKA_PORT} is taken by another process; set DEV_KAFKA_PORT")
+    for port in (KAFKA_PORT, KAFKA_CONTROLLER_PORT):
+        if _port_open(port):
+            raise ServiceError(f"port {port} is taken by another process; set DEV_KAFKA_PORT/DEV_KAFKA_CONTROLLER_PORT")
     start_mark = KAFKA.logfile.stat().st_size if KAFKA.logfile.exists() else 0
     heap = os.environ.get("DEV_KAFKA_HEAP", "-Xms256m -Xmx768m").split()
     cmd = ["java", *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
@@ -273,7 +274,7 @@ def _stop_kafka(kill: bool, timeout: float) -> None:
     # A killed JVM's leader thread turns zombie before its other threads have exited and its
     # sockets are closed: wait for the port too, or a quick restart finds it still taken.
     deadline = time.monotonic() + 30
-    while _port_open(KAFKA_PORT) and time.monotonic() < deadline:
+    while (_port_open(KAFKA_PORT) or _port_open(KAFKA_CONTROLLER_PORT)) and time.monotonic() < deadline:
         time.sleep(0.1)
     if kill:
         # The port is freed with the process; nothing else to clean: restart recovers the logs.
