@@ -91,8 +91,10 @@ class TransactionalCommitter:
 
     def _classify(self, err: Any, cause: str, reset: bool = False) -> Exception:
         out = classify_kafka_error(err, cause)
-        if isinstance(out, FatalError) and getattr(err, "code", lambda: None)() in _FENCED:
-            # Fenced by a newer instance of ourselves or a rebalance: a fresh producer retries.
+        if isinstance(out, FatalError) and err is not None and (err.code() in _FENCED or (
+                err.fatal() and "AUTHORIZATION" not in err.name())):
+            # Fenced, or the producer reached a fatal state (e.g. INVALID_TXN_STATE after a broker
+            # restart): the rows are written, so a fresh producer (new epoch) redoes the Kafka side.
             out = RetryableError(cause, f"{err.name()}: {err.str()}")
             reset = True
         if reset or (err is not None and err.fatal()):
