@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from sink.errors import FatalError, RetryableError, classify_kafka_error
 from sink.settings import Settings
-from sink.source import consumer_config
+from sink.source import commit_offsets, consumer_config
 from sink.types import SourceRecord
 
 TP = tuple[str, int]
@@ -172,13 +172,4 @@ class ConsumerOffsets:
 
     def commit(self, offsets: dict[TP, int]) -> None:
         """Synchronous commit of explicit offsets (KAFKA_TRANSACTIONAL=false only)."""
-        if not offsets:
-            return
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        try:
-            result = self.consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as e:
-            raise classify_kafka_error(e.args[0] if e.args else None, "commit") from e
-        for tp in result or []:
-            if tp.error is not None:
-                raise classify_kafka_error(tp.error, "commit")
+        commit_offsets(self.consumer, offsets)

@@ -48,6 +48,20 @@ def consumer_config(settings: Settings, extra: dict[str, Any] | None = None) -> 
     return conf
 
 
+def commit_offsets(consumer: Any, offsets: dict[TP, int]) -> None:
+    """Synchronous commit of explicit offsets; failures come back classified."""
+    if not offsets:
+        return
+    tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+    try:
+        result = consumer.commit(offsets=tps, asynchronous=False)
+    except KafkaException as e:
+        raise classify_kafka_error(e.args[0] if e.args else None, "commit") from e
+    for tp in result or []:
+        if tp.error is not None:
+            raise classify_kafka_error(tp.error, "commit")
+
+
 class KafkaSource:
     """A subscribed consumer.  Callbacks run inside consume(), in the caller's thread."""
 
@@ -180,16 +194,7 @@ class KafkaSource:
 
     def commit(self, offsets: dict[TP, int]) -> None:
         """Synchronous commit of explicit offsets (non-transactional mode)."""
-        if not offsets:
-            return
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        try:
-            result = self.consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as e:
-            raise classify_kafka_error(e.args[0] if e.args else None, "commit") from e
-        for tp in result or []:
-            if tp.error is not None:
-                raise classify_kafka_error(tp.error, "commit")
+        commit_offsets(self.consumer, offsets)
 
     def partition_count(self) -> int | None:
         try:
