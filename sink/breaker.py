@@ -40,6 +40,12 @@ class DlqBreaker:
         published; returns why the breaker trips, or None.  Once tripped it stays tripped."""
         if not self.policy.enabled:
             return None
+        if True not in outcomes:  # the usual batch: the streak ends, the share can only fall
+            if outcomes:
+                self._streak = 0
+                self._recent.extend(outcomes)
+                self._bad_in_window = sum(self._recent)
+            return self.tripped_reason
         for is_bad in outcomes:
             if len(self._recent) == self._recent.maxlen and self._recent[0]:
                 self._bad_in_window -= 1

@@ -20,6 +20,7 @@ log = get_logger("sink.cli")
 T = TypeVar("T")
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+GIL_SWITCH_INTERVAL_S = 0.0002  # bench/: 0.2 ms gave +17% records/s over the default 5 ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +128,9 @@ def run(settings: Settings) -> int:
                                           consecutive=settings.dlq_breaker_consecutive))
     pipeline = Pipeline(PipelineConfig.from_settings(settings), source, writer, committer, breaker=breaker,
                         metrics=metrics, health=health)
+    # The writer thread needs the GIL for a moment after each database round trip; with the
+    # default 5 ms switch interval it waits that long behind the decoding loop every time.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if stopping["now"]:
         pipeline.request_stop()
     try:

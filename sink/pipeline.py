@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -99,6 +101,24 @@ class _Written:
     duplicate_sources: list[SourceRecord]
 
 
+@dataclass(frozen=True)
+class _Writing:
+    """A batch in step 1: its first write attempt runs in the writer thread."""
+
+    batch: Batch
+    future: Future[tuple[_Written, float]]
+    started: float
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A batch through step 1: its rows are committed in PostgreSQL."""
+
+    batch: Batch
+    written: _Written
+    write_s: float
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: Source, writer: Writer, committer: Committer, *,
                  breaker: DlqBreaker | None = None, metrics: Metrics | None = None,
@@ -114,7 +134,13 @@ class Pipeline:
         self._clock = clock
         self.watchdog = watchdog or Watchdog(cfg.commit_deadline)
         self.batcher = Batcher(cfg.batch_size, cfg.batch_timeout, clock)
-        self._inflight: Batch | None = None
+        # Batches taken from the batcher and not yet committed (at most two: one in steps 2-4
+        # here, the next one in step 1 in the writer thread).  Memory stays bounded.
+        self._inflight: list[Batch] = []
+        # The batch whose step 1 (the database write) runs in the writer thread, while this
+        # thread consumes and decodes the next one and commits the previous one.
+        self._writing: _Writing | None = None
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sink-write")
         self._held: list[SourceRecord] = []
         self._stop_requested = False
         self._stop_deadline = float("inf")
@@ -143,18 +169,30 @@ class Pipeline:
             log.warning("shutdown_timeout", reason=str(e))
 
     def step(self) -> None:
-        """One turn of the loop: flush a due batch, or consume more records."""
+        """One turn of the loop: hand a due batch to the writer, commit a written one, or consume.
+
+        Three batches overlap: batch N+1 is decoded here while batch N is written in the writer
+        thread; once N is written, N+1 goes to the writer and only then are N's DLQ records and
+        offsets committed, so the Kafka round trips hide behind the next write.  Each batch
+        still goes through _complete's steps in order, and batches commit in order."""
         self.health.turn()
         self._update_gauges()
-        if self.batcher.due():
-            self._flush(self.batcher.take())
+        due = self.batcher.due()
+        if self._writing is not None and (due or self._writing.future.done()):
+            written = self._await_write()  # step 1 of batch N (retried here if it failed)
+            if due:
+                self._start(self.batcher.take())  # step 1 of N+1 begins before N's commit
+            self._complete(written)
+            return
+        if due:
+            self._start(self.batcher.take())
             return
         records = self._next_records()
-        for rec in records:
-            self.batcher.add(rec, decode(rec))
+        self.batcher.add_all(records, [decode(rec) for rec in records])
         if records:
             self.metrics.consumed.inc(len(records))
-        elif not len(self.batcher.batch) and self._clock() - self._last_db_activity > self.cfg.idle_db_check:
+        elif (self._writing is None and not len(self.batcher.batch)
+              and self._clock() - self._last_db_activity > self.cfg.idle_db_check):
             self._last_db_activity = self._clock()
             self.health.db_ok = self.writer.check()
             self.metrics.db_connected.set(self.health.db_ok)
@@ -165,14 +203,18 @@ class Pipeline:
             out, self._held = self._held[:room], self._held[room:]
             return out
         timeout = self.cfg.poll_timeout
+        if self._writing is not None:
+            timeout = min(timeout, 0.005)  # come back soon to commit what the writer finished
         if len(self.batcher.batch):
             timeout = max(0.0, min(timeout, self.batcher.time_left()))
         return self.source.consume(room, timeout)
 
     def _drain(self) -> None:
+        if self._writing is not None:
+            self._complete(self._await_write())
         while self._held:
-            for rec in self._next_records():
-                self.batcher.add(rec, decode(rec))
+            records = self._next_records()
+            self.batcher.add_all(records, [decode(rec) for rec in records])
             if self.batcher.due():
                 self._flush(self.batcher.take())
         if len(self.batcher.batch):
@@ -181,7 +223,44 @@ class Pipeline:
     # ------------------------------------------------------------------ the guarantee
 
     def _flush(self, batch: Batch) -> None:
-        """Make one batch durable, then commit its offsets.  The order is the guarantee:
+        """All of _complete's steps for one batch, with nothing else in flight."""
+        self._start(batch)
+        self._complete(self._await_write())
+
+    def _start(self, batch: Batch) -> None:
+        """Step 1 of _complete's list in the writer thread: its first attempt at the write."""
+        assert self._writing is None  # one write at a time: batch N+1 starts once N is written
+        self._inflight.append(batch)
+        started = self._clock()
+
+        def write() -> tuple[_Written, float]:
+            return self._write(batch), self._clock() - started
+
+        self._writing = _Writing(batch, self._write_thread.submit(write), started)
+
+    def _await_write(self) -> _Done:
+        """Step 1 of _complete's list, finished: the writer thread's outcome, or retries here."""
+        assert self._writing is not None
+        batch, future, started = self._writing.batch, self._writing.future, self._writing.started
+        self._writing = None
+        threaded = [future]
+
+        def attempt() -> tuple[_Written, float]:
+            if threaded:  # attempt 1 ran in the writer thread: its outcome, or its error to retry
+                return threaded.pop().result()
+            return self._write(batch), self._clock() - started
+
+        try:
+            # Attempts after the first run here, with consumption paused.
+            written, write_s = self._retry("db_write", attempt)
+        except BaseException:
+            self._forget(batch)
+            raise
+        self._last_db_activity = self._clock()
+        return _Done(batch, written, write_s)
+
+    def _complete(self, done: _Done) -> None:
+        """Make a batch durable, then commit its offsets.  The order is the guarantee:
 
         1. Write the batch's valid rows to PostgreSQL in one transaction (INSERT ... ON CONFLICT
            DO NOTHING).  Rows the database rejects (SQLSTATE 22/23) are isolated by bisection,
@@ -198,13 +277,9 @@ class Pipeline:
         leaves neither DLQ records nor offsets behind, and the re-delivered batch is absorbed
         by step 1's ON CONFLICT DO NOTHING.
         """
-        self._inflight = batch
+        batch, written, write_s = done.batch, done.written, done.write_s
         try:
-            # Step 1.
-            t0 = self._clock()
-            written = self._retry("db_write", lambda: self._write(batch))
-            write_s = self._clock() - t0
-            self._last_db_activity = self._clock()
+            # Step 1 is done (_start, _await_write): the rows are committed in PostgreSQL.
             rejections = batch.rejections + written.rejections
             self._log_written(batch, written, write_s, len(rejections))
             # Step 2.
@@ -230,9 +305,12 @@ class Pipeline:
             for rej in rejections:
                 self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
         finally:
-            self._inflight = None
+            self._forget(batch)
         self.source.resume()
         self.metrics.paused.set(0)
+
+    def _forget(self, batch: Batch) -> None:
+        self._inflight = [b for b in self._inflight if b is not batch]  # identity: Batch compares by value
 
     def _write(self, batch: Batch) -> _Written:
         rows, sources = batch.rows, batch.row_sources
@@ -316,20 +394,22 @@ class Pipeline:
 
     def on_revoke(self, tps: list[TP]) -> None:
         """Drop what we hold of revoked partitions: no offset is committed for rows not written."""
+        if self._writing is not None:
+            wait_futures([self._writing.future])  # the writer thread reads the batch: let it finish
         gone = set(tps)
         for tp in gone:
             self._committed.pop(tp, None)
             self.metrics.forget_partition(*tp)
         # What is dropped, per partition, so `logs search --record` can say "discarded".
         offsets: dict[str, list[int]] = {}
-        for batch in (self._inflight, self.batcher.batch):
-            for tp, (first, last) in (batch.ranges.items() if batch is not None else ()):
+        for batch in (*self._inflight, self.batcher.batch):
+            for tp, (first, last) in batch.ranges.items():
                 if tp in gone:
                     old = offsets.get(str(tp[1]))
                     offsets[str(tp[1])] = [min(first, old[0]), max(last, old[1])] if old else [first, last]
         dropped = self.batcher.drop_partitions(gone)
-        if self._inflight is not None:
-            dropped += self._inflight.drop_partitions(gone)
+        for batch in self._inflight:
+            dropped += batch.drop_partitions(gone)
         held = len(self._held)
         self._held = [r for r in self._held if (r.topic, r.partition) not in gone]
         dropped += held - len(self._held)
@@ -380,6 +460,8 @@ def _offset_ranges(batch: Batch) -> dict[str, list[int]]:
 
 def _outcomes(batch: Batch, rejections: list[Rejection]) -> list[bool]:
     """DLQ'd-or-not per record in (partition, offset) order, for the breaker's streak count."""
+    if not rejections:
+        return [False] * len(batch.row_sources)
     bad = {(r.record.partition, r.record.offset) for r in rejections}
-    keys = sorted({(s.partition, s.offset) for s in batch.row_sources} | bad)
+    keys = sorted({s[1:3] for s in batch.row_sources} | bad)  # s[1:3]: (partition, offset)
     return [k in bad for k in keys]

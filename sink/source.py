@@ -134,6 +134,7 @@ class KafkaSource:
         except KafkaException as e:
             raise classify_kafka_error(e.args[0] if e.args else None, "consume") from e
         out: list[SourceRecord] = []
+        append = out.append  # the per-record loop of the hot path: kept to the calls it needs
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -144,11 +145,11 @@ class KafkaSource:
                 self._warn_rate_limited(err)
                 continue
             ts_type, ts = m.timestamp()
-            topic, part, off = m.topic(), m.partition(), m.offset()
-            assert topic is not None and part is not None and off is not None  # set on every fetched message
-            # Consumed messages carry headers as a list of (str, bytes | None) pairs.
-            headers: Any = tuple(m.headers() or ())
-            out.append(SourceRecord(topic, part, off, m.key(), m.value(), headers, ts if ts_type else None))
+            # topic/partition/offset are set on every fetched message; consumed messages carry
+            # headers as a list of (str, bytes | None) pairs, or None.
+            headers: Any = m.headers()
+            append(SourceRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),  # type: ignore[arg-type]
+                                tuple(headers) if headers else (), ts if ts_type else None))
         self.broker_up = True if msgs or self.consumer.assignment() else self.broker_up
         self.last_ok = time.monotonic()
         return out

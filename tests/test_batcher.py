@@ -229,3 +229,23 @@ def test_batch_is_due_exactly_when_full_or_timed_out(size: int, gaps: list[int])
         b.add(rec(i), row(i))
         first_at = clock.now if first_at is None else first_at
         assert b.due() == (len(b.batch) >= size or clock.now - first_at >= 5.0)
+
+
+@given(st.lists(st.lists(st.tuples(st.integers(0, 2), st.booleans()), max_size=30), max_size=6))
+def test_add_all_builds_the_same_batch_as_add_one_by_one(chunks: list[list[tuple[int, bool]]]) -> None:
+    """add_all (the pipeline's hot path) == add() per record: rows, sources, rejections, ranges."""
+    one, many = Batcher(size=10_000, timeout=1.0), Batcher(size=10_000, timeout=1.0)
+    next_offset = {0: 5, 1: 0, 2: 100}
+    for chunk in chunks:
+        records, outcomes = [], []
+        for partition, bad in chunk:
+            r = rec(next_offset[partition], partition)
+            next_offset[partition] += 1
+            records.append(r)
+            outcomes.append(reject(r) if bad else row(r.offset))
+        for r, o in zip(records, outcomes, strict=True):
+            one.add(r, o)
+        many.add_all(records, outcomes)
+    a, b = one.batch, many.batch
+    assert (a.rows, a.row_sources, a.rejections, a.ranges) == (b.rows, b.row_sources, b.rejections, b.ranges)
+    assert one.due() == many.due() and len(a) == len(b)
