@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime
-from operator import attrgetter
-from typing import Annotated, Any
+from operator import itemgetter
+from typing import Annotated, Any, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from sink.model import (
     COLUMNS,
@@ -54,33 +55,36 @@ def _limits(name: str) -> StringConstraints | None:
     return None
 
 
-def _wire_model() -> type[BaseModel] | None:
-    """IotMeasurement's fields, aliases and limits as Rust-only strict types (no Python validator);
-    None if the model has a field the fast path does not know how to check (then it is off)."""
+def _wire_schema() -> Any:
+    """IotMeasurement's fields, aliases and limits as a TypedDict of Rust-only strict types (no
+    Python validator); None if the model has a field the fast path does not know how to check
+    (then it is off).  A TypedDict, not a model: 2.7 µs per record against 4.5 µs (no instance)."""
     spec: dict[str, Any] = {}
     for name, f in _FIELDS.items():
         limits = _limits(name)
         if name == "timestamp":
-            spec[name] = (int | float | _NoColon | datetime, Field(..., union_mode="left_to_right"))
+            spec[name] = Annotated[int | float | _NoColon | datetime, Field(union_mode="left_to_right")]
         elif name == "value":
-            spec[name] = (float | bool | str | None, Field(None, union_mode="left_to_right"))
+            spec[name] = NotRequired[Annotated[float | bool | str | None, Field(None, union_mode="left_to_right")]]
         elif limits is None:
             return None
         elif name not in NULL_TAKES_DEFAULT:  # null is the model's call (an error, or None)
-            spec[name] = (Annotated[str, limits], Field(... if f.is_required() else f.default, alias=f.alias))
+            spec[name] = (Annotated[str, limits, Field(alias=f.alias)] if f.is_required()
+                          else NotRequired[Annotated[str, limits, Field(f.default, alias=f.alias)]])
         elif name == "pin_position":  # upstream sends pins as numbers ("pin": 3)
-            spec[name] = (Annotated[str, limits] | int | None, Field(None, alias=f.alias))
+            spec[name] = NotRequired[Annotated[Annotated[str, limits] | int | None, Field(None, alias=f.alias)]]
         else:  # null or missing: None here, the model's default below
-            spec[name] = (Annotated[str, limits] | None, Field(None, alias=f.alias))
-    config = ConfigDict(strict=True, validate_by_name=True, validate_by_alias=True, extra="ignore",
-                        allow_inf_nan=False)
-    model: type[BaseModel] = create_model("_Wire", __config__=config, **spec)
-    return model
+            spec[name] = NotRequired[Annotated[Annotated[str, limits] | None, Field(None, alias=f.alias)]]
+    make_typed_dict: Any = TypedDict  # built from the model at import time: no literal for mypy
+    wire: Any = make_typed_dict("_Wire", spec)
+    wire.__pydantic_config__ = ConfigDict(strict=True, validate_by_name=True, validate_by_alias=True,
+                                          extra="ignore", allow_inf_nan=False)
+    return wire
 
 
-_Wire = _wire_model()
-_validate_wire = _Wire.__pydantic_validator__.validate_json if _Wire is not None else None
-_wire_fields: Any = attrgetter(*COLUMNS)
+_Wire = _wire_schema()
+_validate_wire = TypeAdapter(_Wire).validate_json if _Wire is not None else None
+_wire_fields: Any = itemgetter(*COLUMNS)
 # Text fields that take the model's default when null or missing: (index, default).
 _DEFAULTS = tuple((i, _FIELDS[c].default) for i, c in enumerate(COLUMNS) if c in NULL_TAKES_DEFAULT)
 _PIN_MAX = getattr(_limits("pin_position"), "max_length", None) or 0

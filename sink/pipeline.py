@@ -463,5 +463,8 @@ def _outcomes(batch: Batch, rejections: list[Rejection]) -> list[bool]:
     if not rejections:
         return [False] * len(batch.row_sources)
     bad = {(r.record.partition, r.record.offset) for r in rejections}
-    keys = sorted({s[1:3] for s in batch.row_sources} | bad)  # s[1:3]: (partition, offset)
+    # Every record once: the rows (write-stage rejections among them), then decode rejections.
+    keys = [s[1:3] for s in batch.row_sources]  # s[1:3]: (partition, offset)
+    keys.extend((r.record.partition, r.record.offset) for r in batch.rejections)
+    keys.sort()
     return [k in bad for k in keys]

@@ -390,12 +390,13 @@ def test_insert_statement_lists_the_model_columns_and_returns_the_primary_key() 
     cols = ", ".join(f'"{c}"' for c in COLUMNS)
     pk = ", ".join(f'"{c}"' for c in PRIMARY_KEY)
     assert text == (f'INSERT INTO "iot_measurements" ({cols}) SELECT {cols} FROM "_sink_stage" '
-                    f"ON CONFLICT DO NOTHING RETURNING {pk}")
+                    f'ORDER BY "_sink_ord" ON CONFLICT DO NOTHING RETURNING {pk}')
 
 
 def test_insert_statement_quotes_identifiers() -> None:
     text = insert_statement(columns=('we"ird',), pk=('we"ird',), table="t", stage="s").as_string(None)
-    assert text == 'INSERT INTO "t" ("we""ird") SELECT "we""ird" FROM "s" ON CONFLICT DO NOTHING RETURNING "we""ird"'
+    assert text == ('INSERT INTO "t" ("we""ird") SELECT "we""ird" FROM "s" ORDER BY "_sink_ord" '
+                    'ON CONFLICT DO NOTHING RETURNING "we""ird"')
 
 
 PK_INDEX = tuple(COLUMNS.index(c) for c in PRIMARY_KEY)
@@ -422,8 +423,14 @@ def test_nothing_returned_means_every_row_was_a_duplicate() -> None:
 
 def test_repeated_key_within_a_batch_counts_the_first_as_new_and_the_rest_as_duplicates() -> None:
     rows = [row("a", 1.0), row("b"), row("a", 2.0), row("a", 3.0)]
-    result = classify_duplicates(rows, [key(row("b")), key(row("a"))], PK_INDEX)
+    result = classify_duplicates(rows, [key(row("a")), key(row("b"))], PK_INDEX)  # row order
     assert (result.inserted, result.duplicates, result.duplicate_indexes) == (2, 2, (2, 3))
+
+
+def test_returned_keys_out_of_row_order_are_matched_by_key() -> None:
+    rows = [row("a"), row("b"), row("c"), row("d")]
+    result = classify_duplicates(rows, [key(row("c")), key(row("a"))], PK_INDEX)
+    assert (result.inserted, result.duplicates, result.duplicate_indexes) == (2, 2, (1, 3))
 
 
 def test_returned_timestamp_in_another_zone_matches_the_utc_row() -> None:
@@ -436,10 +443,16 @@ def test_returned_timestamp_in_another_zone_matches_the_utc_row() -> None:
     st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 3)), max_size=40),
     st.sets(st.tuples(st.sampled_from("abcd"), st.integers(0, 3))),
     st.randoms(use_true_random=False),
+    st.booleans(),
 )
 def test_duplicates_match_a_simulated_on_conflict_do_nothing(
-    batch: list[tuple[str, int]], existing: set[tuple[str, int]], rnd: random.Random
+    batch: list[tuple[str, int]], existing: set[tuple[str, int]], rnd: random.Random, in_order: bool
 ) -> None:
+    """in_order: RETURNING in row order (insert_statement's ORDER BY; the walk).  Otherwise
+    shuffled, with one row per key (the hash fallback; with repeated keys and a shuffled
+    RETURNING, which of two same-key rows "won" is not knowable from the keys at all)."""
+    if not in_order:
+        batch = list(dict.fromkeys(batch))
     rows = [row(device, second=second) for device, second in batch]
     seen = {key(row(d, second=s)) for d, s in existing}
     expected_dups, returned = [], []
@@ -449,7 +462,8 @@ def test_duplicates_match_a_simulated_on_conflict_do_nothing(
         else:
             seen.add(key(r))
             returned.append(key(r))
-    rnd.shuffle(returned)  # RETURNING order is not specified
+    if not in_order:
+        rnd.shuffle(returned)
     result = classify_duplicates(rows, returned, PK_INDEX)
     assert result.duplicate_indexes == tuple(expected_dups)
     assert result.inserted + result.duplicates == len(rows)

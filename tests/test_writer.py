@@ -1,0 +1,65 @@
+"""PgWriter against the real database: which rows of a batch were new and which were
+duplicates, when the batch repeats keys of its own and of earlier batches."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from dev import services, testkit
+from sink.migrations import migrate
+from sink.model import COLUMNS, PRIMARY_KEY
+from sink.settings import Settings
+from sink.writer import PgWriter
+
+pytestmark = pytest.mark.integration
+
+PK = tuple(COLUMNS.index(c) for c in PRIMARY_KEY)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def writer(schema: str) -> PgWriter:
+    st = Settings(timescale_host="127.0.0.1", timescale_port=services.PG_PORT, timescale_schema=schema,
+                  timescale_db=services.PG_DB, timescale_user=services.PG_USER,
+                  timescale_password=services.PG_PASSWORD)  # type: ignore[arg-type]
+    migrate(st)
+    return PgWriter(st.conninfo())
+
+
+def row(rnd: random.Random, i: int) -> tuple[Any, ...]:
+    # Text of very different lengths, so COPY fills the stage's pages out of order (the case
+    # where a plain scan of the stage returns rows out of batch order).
+    device = f"dev-{rnd.randrange(40)}"
+    return (T0 + timedelta(seconds=rnd.randrange(60)), device, "m", "c", str(rnd.randrange(3)), float(i), "u",
+            "t" * rnd.choice([1, 5, 200, 255]))
+
+
+def test_duplicates_are_the_rows_whose_key_existed_or_came_earlier_in_the_batch(schema: str) -> None:
+    rnd = random.Random(7)
+    w = writer(schema)
+    existing: set[tuple[Any, ...]] = set()
+    first_value: dict[tuple[Any, ...], float] = {}
+    total = 0
+    for _batch in range(4):
+        rows = [row(rnd, total + i) for i in range(3000)]
+        total += len(rows)
+        expected = []
+        for i, r in enumerate(rows):
+            k = tuple(r[j] for j in PK)
+            if k in existing:
+                expected.append(i)
+            else:
+                existing.add(k)
+                first_value[k] = r[5]
+        result = w.write(rows)
+        assert result.duplicate_indexes == tuple(expected)
+        assert (result.inserted, result.duplicates) == (len(rows) - len(expected), len(expected))
+    w.close()
+    with testkit.connect(schema) as conn:
+        stored = conn.execute("SELECT timestamp, device_id, connector_mode, component_type, pin_position, value "
+                              "FROM iot_measurements").fetchall()
+    # Of two rows with one key, the first in the batch is the one stored.
+    assert {tuple(r[:5]): r[5] for r in stored} == first_value
