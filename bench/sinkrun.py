@@ -149,6 +149,7 @@ class Drain:
     cpu_s: float  # CPU seconds while draining
     cpu_total_s: float  # CPU seconds of the whole process (imports, migrations, ...)
     db_cpu_s: float  # CPU seconds of the sink's PostgreSQL backend while draining
+    broker_cpu_s: float  # CPU seconds of the Kafka broker (dev/services.py's) while draining
     incidents: dict[str, int]  # retries, broker errors, ... while draining: the run was disturbed
     outage_rss_kib: int = 0  # highest sampled RSS while the database was stopped (--db-outage)
 
@@ -194,6 +195,8 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
     (the sink must pause, hold its memory and resume; the run is then about RSS, not speed)."""
     sink = BenchSink(bench_env(schema, topic, group, dlq_topic, overrides), log_path, prefix, sink_dir).start()
     sampler = Sampler(sink.pid).start()
+    broker_pid = services.kafka_pid()
+    broker = Sampler(broker_pid).start() if broker_pid else None
     spy = PySpy(sink.pid, pyspy) if pyspy else None
     tail = LogTail(log_path)
     try:
@@ -215,6 +218,8 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
         sampler.stop()
         for s in db:
             s.stop()
+        if broker is not None:
+            broker.stop()
         written = tail.named("batch_written")
         records = sum(int(e["rows"]) for e in written)
         cpu_total = sampler.samples[-1][1] if sampler.samples else 0.0
@@ -224,6 +229,7 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
                        peak_rss_kib=sampler.peak_kib, drain_rss_kib=sampler.peak_rss_between(start, end),
                        cpu_s=sampler.cpu_between(start, end), cpu_total_s=cpu_total,
                        db_cpu_s=sum(s.cpu_between(start, end) for s in db),
+                       broker_cpu_s=broker.cpu_between(start, end) if broker is not None else 0.0,
                        incidents=incidents(tail.events, start, end), outage_rss_kib=outage_rss)
         code = sink.stop(60)
         if spy is not None:
@@ -233,5 +239,7 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
         return result
     finally:
         sampler.stop()
+        if broker is not None:
+            broker.stop()
         if sink.alive():
             sink.kill()

@@ -176,7 +176,8 @@ def _java(*args: str) -> list[str]:
     return ["java", "-cp", str(KAFKA.libs / "*"), *args]
 
 
-def _kafka_pid() -> int | None:
+def kafka_pid() -> int | None:
+    """The local broker's process id, if it runs."""
     try:
         pid = int(KAFKA.pidfile.read_text().strip())
     except (OSError, ValueError):
@@ -185,7 +186,7 @@ def _kafka_pid() -> int | None:
 
 
 def kafka_running() -> bool:
-    return _kafka_pid() is not None and _port_open(KAFKA_PORT)
+    return kafka_pid() is not None and _port_open(KAFKA_PORT)
 
 
 @contextlib.contextmanager
@@ -266,7 +267,7 @@ def stop_kafka(kill: bool = False, timeout: float = 60.0) -> None:
 
 
 def _stop_kafka(kill: bool, timeout: float) -> None:
-    pid = _kafka_pid()
+    pid = kafka_pid()
     if pid is None:
         return
     os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)

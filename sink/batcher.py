@@ -45,6 +45,10 @@ class Batch:
         self.rejections.append(rej)
         self._cover(rej.record)
 
+    def release_rows(self) -> None:
+        """Forget the rows once written (the batch may wait a while for its Kafka commit)."""
+        self.rows, self.row_sources = [], []
+
     def commit_offsets(self) -> dict[tuple[str, int], int]:
         """Offsets to commit: the next offset to read, i.e. last consumed + 1."""
         return {tp: r[1] + 1 for tp, r in self.ranges.items()}

@@ -77,6 +77,9 @@ class PipelineConfig:
     retry_max_attempts: int = 0  # 0 = for ever
     shutdown_timeout: float = 30.0
     poll_timeout: float = 0.05  # a batch opens (and its timeout starts) within 50 ms of its first record
+    # While the next batch is already being written, written batches wait up to this long and
+    # share one Kafka commit (transaction); with nothing else in flight a batch commits at once.
+    commit_interval: float = 0.5
     idle_db_check: float = 5.0  # seconds without a write before /readyz pings the database
     # The Kafka side of a batch takes milliseconds; its calls time out after 10 s each.  Past
     # this, a librdkafka call ignored its timeout: exit and let the supervisor restart us.
@@ -87,7 +90,7 @@ class PipelineConfig:
         return cls(topic=s.kafka_input_topic, batch_size=s.batch_size, batch_timeout=s.batch_timeout,
                    max_splits=s.bisect_max_splits, retry_initial_backoff=s.retry_initial_backoff,
                    retry_max_backoff=s.retry_max_backoff, retry_max_attempts=s.retry_max_attempts,
-                   shutdown_timeout=s.shutdown_timeout)
+                   shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval)
 
 
 class ShutdownExpired(Exception):
@@ -134,9 +137,13 @@ class Pipeline:
         self._clock = clock
         self.watchdog = watchdog or Watchdog(cfg.commit_deadline)
         self.batcher = Batcher(cfg.batch_size, cfg.batch_timeout, clock)
-        # Batches taken from the batcher and not yet committed (at most two: one in steps 2-4
-        # here, the next one in step 1 in the writer thread).  Memory stays bounded.
+        # Batches taken from the batcher and not yet committed: the one in step 1 in the writer
+        # thread, and those through step 2 waiting for the Kafka commit (their rows released:
+        # only offsets and rejections are kept, for at most commit_interval).
         self._inflight: list[Batch] = []
+        self._pending: list[tuple[Batch, list[Rejection]]] = []
+        self._pending_since = 0.0
+        self._caught_up = True  # the last consume returned less than asked for
         # The batch whose step 1 (the database write) runs in the writer thread, while this
         # thread consumes and decodes the next one and commits the previous one.
         self._writing: _Writing | None = None
@@ -177,6 +184,9 @@ class Pipeline:
         still goes through _complete's steps in order, and batches commit in order."""
         self.health.turn()
         self._update_gauges()
+        if self._commit_due():
+            self._commit_pending()
+            return
         due = self.batcher.due()
         if self._writing is not None and (due or self._writing.future.done()):
             written = self._await_write()  # step 1 of batch N (retried here if it failed)
@@ -201,13 +211,18 @@ class Pipeline:
         room = max(1, self.batcher.room())
         if self._held:
             out, self._held = self._held[:room], self._held[room:]
+            self._caught_up = False
             return out
         timeout = self.cfg.poll_timeout
         if self._writing is not None:
             timeout = min(timeout, 0.005)  # come back soon to commit what the writer finished
+        if self._pending:
+            timeout = min(timeout, max(0.0, self._pending_since + self.cfg.commit_interval - self._clock()))
         if len(self.batcher.batch):
             timeout = max(0.0, min(timeout, self.batcher.time_left()))
-        return self.source.consume(room, timeout)
+        records = self.source.consume(room, timeout)
+        self._caught_up = len(records) < room
+        return records
 
     def _drain(self) -> None:
         if self._writing is not None:
@@ -219,6 +234,8 @@ class Pipeline:
                 self._flush(self.batcher.take())
         if len(self.batcher.batch):
             self._flush(self.batcher.take())
+        if self._pending:
+            self._commit_pending()
 
     # ------------------------------------------------------------------ the guarantee
 
@@ -276,8 +293,12 @@ class Pipeline:
         In transactional mode steps 3 and 4 are one Kafka transaction: a crash between them
         leaves neither DLQ records nor offsets behind, and the re-delivered batch is absorbed
         by step 1's ON CONFLICT DO NOTHING.
+        Steps 3 and 4 (_commit_pending) may cover several batches: while the next batch is
+        already being written, a written batch waits up to commit_interval for the batches
+        after it, so a busy sink makes a few Kafka transactions per second, not one per batch.
         """
         batch, written, write_s = done.batch, done.written, done.write_s
+        committing = False
         try:
             # Step 1 is done (_start, _await_write): the rows are committed in PostgreSQL.
             rejections = batch.rejections + written.rejections
@@ -292,20 +313,44 @@ class Pipeline:
                                  "fix the cause (or set DLQ_BREAKER_ENABLED=false) and restart.")
             for rej in rejections:
                 self._log_rejected(rej)
-            envelopes = [((r.record.topic, r.record.partition), to_dlq_record(r)) for r in rejections]
-            # Steps 3 and 4, against whatever is still ours at each attempt.
+            batch.release_rows()  # written: from here on only its offsets and rejections count
+            if not self._pending:
+                self._pending_since = self._clock()
+            self._pending.append((batch, rejections))
+            committing = True
+        finally:
+            if not committing:
+                self._forget(batch)
+        if self._commit_due():
+            self._commit_pending()
+
+    def _commit_due(self) -> bool:
+        """Commit now if caught up with the topic (nothing to gain by waiting), else once the
+        oldest written batch has waited commit_interval."""
+        return bool(self._pending) and (
+            self._caught_up or self._clock() - self._pending_since >= self.cfg.commit_interval)
+
+    def _commit_pending(self) -> None:
+        """Steps 3 and 4 of _complete's list for every batch through step 2, in one commit."""
+        pending, self._pending = self._pending, []
+        try:
+            # Against whatever is still ours at each attempt: a revoke drops partitions from the batches.
             t1 = self._clock()
-            self._retry("commit", lambda: self._commit(batch, envelopes))
+            self._retry("commit", lambda: self._commit(pending))
             self.metrics.commit_seconds.observe(self._clock() - t1)
             self.metrics.committed()
-            self._committed.update(batch.commit_offsets())
-            if batch.ranges:
-                log.info("batch_committed", topic=self.cfg.topic, batch_id=batch.batch_id,
-                         offsets=_offset_ranges(batch), latency_ms=round((self._clock() - t1) * 1000, 1))
-            for rej in rejections:
-                self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
+            latency_ms = round((self._clock() - t1) * 1000, 1)
+            for batch, rejections in pending:
+                self._committed.update(batch.commit_offsets())
+                if batch.ranges:
+                    log.info("batch_committed", topic=self.cfg.topic, batch_id=batch.batch_id,
+                             offsets=_offset_ranges(batch), latency_ms=latency_ms)
+                for rej in rejections:
+                    if (rej.record.topic, rej.record.partition) in batch.ranges:
+                        self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
         finally:
-            self._forget(batch)
+            for batch, _ in pending:
+                self._forget(batch)
         self.source.resume()
         self.metrics.paused.set(0)
 
@@ -327,10 +372,16 @@ class Pipeline:
                         dlq=len(iso.poison), writes=iso.writes)
         return _Written(WriteResult(inserted, len(dup_sources)), rejections, dup_sources)
 
-    def _commit(self, batch: Batch, envelopes: list[tuple[TP, DlqRecord]]) -> None:
-        owned = set(batch.ranges)
+    def _commit(self, pending: list[tuple[Batch, list[Rejection]]]) -> None:
+        envelopes: list[DlqRecord] = []
+        offsets: dict[TP, int] = {}
+        for batch, rejections in pending:
+            owned = batch.ranges  # the partitions still ours: revoked ones were dropped
+            envelopes.extend(to_dlq_record(r) for r in rejections if (r.record.topic, r.record.partition) in owned)
+            for tp, offset in batch.commit_offsets().items():
+                offsets[tp] = max(offset, offsets.get(tp, offset))
         with self.watchdog.guard("kafka_commit"):
-            self.committer.complete([env for tp, env in envelopes if tp in owned], batch.commit_offsets())
+            self.committer.complete(envelopes, offsets)
 
     # ------------------------------------------------------------------ retries
 

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     # DLQ records + offset commit in one Kafka transaction (exactly-once DLQ).  false = produce,
     # wait for acks, then commit (at-least-once DLQ) for clusters without transaction ACLs.
     kafka_transactional: bool = True
+    # While the next batch is being written, written batches wait up to this many seconds to
+    # share one commit (transaction); 0 = commit every batch.  A crash re-reads at most this
+    # much more (absorbed by ON CONFLICT DO NOTHING).
+    kafka_commit_interval: float = Field(0.5, ge=0, le=60)
     # Empty = unique per process.  Set a stable, per-replica value (pod name) so a restart
     # aborts the previous process's open transaction immediately instead of after 10 s.
     kafka_transactional_id: str = ""

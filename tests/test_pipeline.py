@@ -287,3 +287,50 @@ def test_duplicates_are_counted_not_rewritten() -> None:
     assert len(writer.rows) == 2
     assert p.metrics.duplicates._value.get() == 1
     assert p.metrics.inserted._value.get() == 2
+
+
+def committing_only_written_rows(committer: RecordingCommitter, writer: TableWriter) -> list[int]:
+    """Wrap the committer: each commit must cover only rows already in the table (one row per
+    record here), and its offsets are recorded."""
+    commits: list[int] = []
+    inner = committer.complete
+
+    def complete(dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
+        assert offsets[(TOPIC, 0)] <= len(writer.rows), "offset committed before its row was written"
+        inner(dlq, offsets)
+        commits.append(offsets[(TOPIC, 0)])
+
+    committer.complete = complete  # type: ignore[method-assign]
+    return commits
+
+
+def test_a_backlog_shares_kafka_commits_between_batches() -> None:
+    p, _, writer, committer, events, _ = make([rec(0, i, good(i)) for i in range(100)])
+    commits = committing_only_written_rows(committer, writer)
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
+    assert events.count("write:10") == 10
+    # The manual clock stands still while records keep coming: no commit_interval passes, so
+    # batches wait until the sink has caught up with the topic (the last write in flight then
+    # commits on its own).
+    assert len(commits) <= 2 and commits[-1] == 100
+
+
+def test_written_batches_wait_at_most_the_commit_interval() -> None:
+    p, _, writer, committer, _, clock = make([rec(0, i, good(i)) for i in range(100)], commit_interval=0.5)
+    commits = committing_only_written_rows(committer, writer)
+    inner = writer.write
+
+    def slow_write(rows: Sequence[Row]) -> WriteResult:
+        clock.now += 0.2  # each write takes 0.2 s
+        return inner(rows)
+
+    writer.write = slow_write  # type: ignore[method-assign]
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
+    assert 3 <= len(commits) < 10 and commits == sorted(commits) and commits[-1] == 100
+
+
+def test_commit_interval_zero_commits_every_batch() -> None:
+    p, _, writer, committer, _, _ = make([rec(0, i, good(i)) for i in range(100)], commit_interval=0.0)
+    commits = committing_only_written_rows(committer, writer)
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
+    assert commits == list(range(10, 101, 10))
