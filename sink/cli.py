@@ -111,7 +111,9 @@ def run(settings: Settings) -> int:
     if settings.run_migrations:
         _migrate(settings, stop_requested)
     writer = PgWriter(settings.conninfo())
+    spare_writer = PgWriter(settings.conninfo())  # a second connection: two batches' writes overlap
     _startup_retry("db_connect", writer.connect, stop_requested)
+    _startup_retry("db_connect", spare_writer.connect, stop_requested)
     if stopping["now"]:
         return EXIT_OK
     health.db_ok = True
@@ -127,7 +129,7 @@ def run(settings: Settings) -> int:
                                           window=settings.dlq_breaker_window,
                                           consecutive=settings.dlq_breaker_consecutive))
     pipeline = Pipeline(PipelineConfig.from_settings(settings), source, writer, committer, breaker=breaker,
-                        metrics=metrics, health=health)
+                        metrics=metrics, health=health, spare_writer=spare_writer)
     # The writer thread needs the GIL for a moment after each database round trip; with the
     # default 5 ms switch interval it waits that long behind the decoding loop every time.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -142,6 +144,7 @@ def run(settings: Settings) -> int:
         source.close()
         committer.close()
         writer.close()
+        spare_writer.close()
     log.info("sink_stopped")
     return EXIT_OK
 

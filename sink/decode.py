@@ -34,6 +34,7 @@ from sink.model import (
     as_row,
     convert_timestamp,
     convert_value,
+    epoch_to_datetime,
     to_utc,
 )
 from sink.types import Rejection, SourceRecord
@@ -45,7 +46,6 @@ _validate_json = IotMeasurement.__pydantic_validator__.validate_json
 # are parsed by pydantic's date-time parser, the one the model hands them to as well.
 _NoColon = Annotated[str, StringConstraints(pattern=r"^[^:]*$")]
 _FIELDS = IotMeasurement.model_fields
-_TS, _VALUE, _PIN = (COLUMNS.index(c) for c in ("timestamp", "value", "pin_position"))
 
 
 def _limits(name: str) -> StringConstraints | None:
@@ -72,9 +72,9 @@ def _wire_schema() -> Any:
             spec[name] = (Annotated[str, limits, Field(alias=f.alias)] if f.is_required()
                           else NotRequired[Annotated[str, limits, Field(f.default, alias=f.alias)]])
         elif name == "pin_position":  # upstream sends pins as numbers ("pin": 3)
-            spec[name] = NotRequired[Annotated[Annotated[str, limits] | int | None, Field(None, alias=f.alias)]]
-        else:  # null or missing: None here, the model's default below
-            spec[name] = NotRequired[Annotated[Annotated[str, limits] | None, Field(None, alias=f.alias)]]
+            spec[name] = NotRequired[Annotated[Annotated[str, limits] | int | None, Field(f.default, alias=f.alias)]]
+        else:  # missing: the model's default; null: None here, the model's default in fast_row
+            spec[name] = NotRequired[Annotated[Annotated[str, limits] | None, Field(f.default, alias=f.alias)]]
     make_typed_dict: Any = TypedDict  # built from the model at import time: no literal for mypy
     wire: Any = make_typed_dict("_Wire", spec)
     wire.__pydantic_config__ = ConfigDict(strict=True, validate_by_name=True, validate_by_alias=True,
@@ -85,42 +85,45 @@ def _wire_schema() -> Any:
 _Wire = _wire_schema()
 _validate_wire = TypeAdapter(_Wire).validate_json if _Wire is not None else None
 _wire_fields: Any = itemgetter(*COLUMNS)
-# Text fields that take the model's default when null or missing: (index, default).
-_DEFAULTS = tuple((i, _FIELDS[c].default) for i, c in enumerate(COLUMNS) if c in NULL_TAKES_DEFAULT)
+# Text fields that take the model's default when null: (name, default).
+_DEFAULTS = tuple((c, _FIELDS[c].default) for c in NULL_TAKES_DEFAULT)
 _PIN_MAX = getattr(_limits("pin_position"), "max_length", None) or 0
 
 
 def fast_row(value: bytes) -> Row | None:
     """The row for a well-formed record, or None: "ask the model" (never a verdict on validity)."""
-    if _validate_wire is None or b"\\u0000" in value or b"\x00" in value:
-        return None  # a NUL would reach a text field: the model's _clean_text rejects it
+    if _validate_wire is None or b"\\u0000" in value:
+        return None  # a NUL escape would reach a text field (a raw NUL byte is not JSON at all)
     try:
-        row = list(_wire_fields(_validate_wire(value)))
+        d = _validate_wire(value)
     except ValidationError:
         return None
-    ts = row[_TS]
+    ts = d["timestamp"]
+    kind = type(ts)
     try:
-        if type(ts) is datetime:
-            row[_TS] = to_utc(ts)
-        else:
-            ts = row[_TS] = convert_timestamp(ts)
+        if kind is datetime:
+            d["timestamp"] = to_utc(ts)
+        elif kind is str:
+            ts = d["timestamp"] = convert_timestamp(ts)
             if type(ts) is str:
                 return None  # not a number: a date, or no time at all
-        val = row[_VALUE]
+        else:  # int or float (strict: never a bool)
+            d["timestamp"] = epoch_to_datetime(ts)
+        val = d["value"]
         if val is not None and type(val) is not float:
-            row[_VALUE] = convert_value(val)
+            d["value"] = convert_value(val)
     except (ValueError, OverflowError):
         return None
-    pin = row[_PIN]
+    pin = d["pin_position"]
     if type(pin) is int:
-        pin = row[_PIN] = str(pin)
+        pin = d["pin_position"] = str(pin)
         if len(pin) > _PIN_MAX:
             return None
-    if None in row:  # a null or missing text field (or a null value, which stays None)
-        for i, default in _DEFAULTS:
-            if row[i] is None:
-                row[i] = default
-    return tuple(row)
+    if None in d.values():  # an explicit null text field (or a null value, which stays None)
+        for name, default in _DEFAULTS:
+            if d[name] is None:
+                d[name] = default
+    return _wire_fields(d)  # type: ignore[no-any-return]
 
 
 def decode(record: SourceRecord) -> Row | Rejection:

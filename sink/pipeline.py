@@ -57,7 +57,7 @@ class Writer(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def write(self, rows: Sequence[Row]) -> WriteResult: ...
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult: ...
 
     def check(self) -> bool: ...
 
@@ -106,9 +106,10 @@ class _Written:
 
 @dataclass(frozen=True)
 class _Writing:
-    """A batch in step 1: its first write attempt runs in the writer thread."""
+    """A batch in step 1: its first write attempt runs in a writer thread."""
 
     batch: Batch
+    writer: Writer
     future: Future[tuple[_Written, float]]
     started: float
 
@@ -126,7 +127,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: Source, writer: Writer, committer: Committer, *,
                  breaker: DlqBreaker | None = None, metrics: Metrics | None = None,
                  health: HealthState | None = None, clock: Clock = time.monotonic,
-                 watchdog: Watchdog | None = None) -> None:
+                 watchdog: Watchdog | None = None, spare_writer: Writer | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.writer = writer
@@ -144,10 +145,15 @@ class Pipeline:
         self._pending: list[tuple[Batch, list[Rejection]]] = []
         self._pending_since = 0.0
         self._caught_up = True  # the last consume returned less than asked for
-        # The batch whose step 1 (the database write) runs in the writer thread, while this
-        # thread consumes and decodes the next one and commits the previous one.
-        self._writing: _Writing | None = None
-        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sink-write")
+        # Batches in step 1 (the database write), oldest first, each in a writer thread on its
+        # own connection, while this thread consumes and decodes the next one and commits the
+        # previous ones.  With a spare writer two batches overlap: the second one's COPY into
+        # its stage runs while the first one inserts, and its INSERT waits for the first
+        # write to end (so two batches never wait on each other's rows: no deadlock).
+        self._writers: list[Writer] = [writer] if spare_writer is None else [writer, spare_writer]
+        self._next_writer = 0
+        self._writing: list[_Writing] = []
+        self._write_thread = ThreadPoolExecutor(len(self._writers), thread_name_prefix="sink-write")
         self._held: list[SourceRecord] = []
         self._stop_requested = False
         self._stop_deadline = float("inf")
@@ -188,10 +194,11 @@ class Pipeline:
             self._commit_pending()
             return
         due = self.batcher.due()
-        if self._writing is not None and (due or self._writing.future.done()):
-            written = self._await_write()  # step 1 of batch N (retried here if it failed)
+        full = len(self._writing) == len(self._writers)
+        if self._writing and (self._writing[0].future.done() or (due and full)):
+            written = self._await_write()  # step 1 of the oldest batch (retried here if it failed)
             if due:
-                self._start(self.batcher.take())  # step 1 of N+1 begins before N's commit
+                self._start(self.batcher.take())  # step 1 of the next batch begins before the commit
             self._complete(written)
             return
         if due:
@@ -201,7 +208,7 @@ class Pipeline:
         self.batcher.add_all(records, [decode(rec) for rec in records])
         if records:
             self.metrics.consumed.inc(len(records))
-        elif (self._writing is None and not len(self.batcher.batch)
+        elif (not self._writing and not len(self.batcher.batch)
               and self._clock() - self._last_db_activity > self.cfg.idle_db_check):
             self._last_db_activity = self._clock()
             self.health.db_ok = self.writer.check()
@@ -214,7 +221,7 @@ class Pipeline:
             self._caught_up = False
             return out
         timeout = self.cfg.poll_timeout
-        if self._writing is not None:
+        if self._writing:
             timeout = min(timeout, 0.005)  # come back soon to commit what the writer finished
         if self._pending:
             timeout = min(timeout, max(0.0, self._pending_since + self.cfg.commit_interval - self._clock()))
@@ -225,7 +232,7 @@ class Pipeline:
         return records
 
     def _drain(self) -> None:
-        if self._writing is not None:
+        while self._writing:
             self._complete(self._await_write())
         while self._held:
             records = self._next_records()
@@ -245,27 +252,30 @@ class Pipeline:
         self._complete(self._await_write())
 
     def _start(self, batch: Batch) -> None:
-        """Step 1 of _complete's list in the writer thread: its first attempt at the write."""
-        assert self._writing is None  # one write at a time: batch N+1 starts once N is written
+        """Step 1 of _complete's list in a writer thread: its first attempt at the write."""
+        assert len(self._writing) < len(self._writers)
+        # Round robin, oldest awaited first: the writer taken is the one whose batch finished.
+        writer = self._writers[self._next_writer]
+        self._next_writer = (self._next_writer + 1) % len(self._writers)
+        before = self._writing[-1].future if self._writing else None
         self._inflight.append(batch)
         started = self._clock()
 
         def write() -> tuple[_Written, float]:
-            return self._write(batch), self._clock() - started
+            return self._write(batch, writer, before), self._clock() - started
 
-        self._writing = _Writing(batch, self._write_thread.submit(write), started)
+        self._writing.append(_Writing(batch, writer, self._write_thread.submit(write), started))
 
     def _await_write(self) -> _Done:
         """Step 1 of _complete's list, finished: the writer thread's outcome, or retries here."""
-        assert self._writing is not None
-        batch, future, started = self._writing.batch, self._writing.future, self._writing.started
-        self._writing = None
-        threaded = [future]
+        w = self._writing.pop(0)
+        batch, writer, started = w.batch, w.writer, w.started
+        threaded = [w.future]
 
         def attempt() -> tuple[_Written, float]:
             if threaded:  # attempt 1 ran in the writer thread: its outcome, or its error to retry
                 return threaded.pop().result()
-            return self._write(batch), self._clock() - started
+            return self._write(batch, writer, None), self._clock() - started
 
         try:
             # Attempts after the first run here, with consumption paused.
@@ -357,11 +367,18 @@ class Pipeline:
     def _forget(self, batch: Batch) -> None:
         self._inflight = [b for b in self._inflight if b is not batch]  # identity: Batch compares by value
 
-    def _write(self, batch: Batch) -> _Written:
+    def _write(self, batch: Batch, writer: Writer, after: Future[Any] | None) -> _Written:
+        """Step 1 for one batch; with `after` (the previous batch's write), its rows go into the
+        stage at once but are inserted only once that write has ended."""
         rows, sources = batch.rows, batch.row_sources
         if not rows:
             return _Written(WriteResult(0, 0), [], [])
-        iso = write_isolating_poison(rows, self.writer.write, self.cfg.max_splits)
+
+        def wait_previous() -> None:
+            if after is not None:
+                wait_futures([after])
+
+        iso = write_isolating_poison(rows, lambda part: writer.write(part, wait_previous), self.cfg.max_splits)
         self.health.db_ok = True
         self.metrics.db_connected.set(1)
         inserted = sum(r.inserted for _, _, r in iso.written)
@@ -445,8 +462,8 @@ class Pipeline:
 
     def on_revoke(self, tps: list[TP]) -> None:
         """Drop what we hold of revoked partitions: no offset is committed for rows not written."""
-        if self._writing is not None:
-            wait_futures([self._writing.future])  # the writer thread reads the batch: let it finish
+        if self._writing:
+            wait_futures([w.future for w in self._writing])  # writer threads read the batches: let them finish
         gone = set(tps)
         for tp in gone:
             self._committed.pop(tp, None)

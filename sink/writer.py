@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -150,8 +150,11 @@ class PgWriter:
             raise FatalError(f"table {self.table} lacks column(s) {missing} of the model: a migration is missing")
         return [int(found[c]) for c in self.columns]
 
-    def write(self, rows: Sequence[Row]) -> WriteResult:
-        """Write rows in one transaction.  Raises RetryableError, PoisonError or FatalError."""
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
+        """Write rows in one transaction.  Raises RetryableError, PoisonError or FatalError.
+
+        before_insert runs between the COPY into the stage and the INSERT (the pipeline waits
+        there for the previous batch's write)."""
         if not rows:
             return WriteResult(0, 0)
         self.connect()
@@ -163,6 +166,8 @@ class PgWriter:
                     copy.set_types(self._types)
                     for i, row in enumerate(rows):
                         copy.write_row((*row, i))
+                if before_insert is not None:
+                    before_insert()
                 cur.execute(self._insert_sql, binary=True)
                 returned = cur.fetchall()
             conn.commit()

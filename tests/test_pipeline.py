@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -89,8 +91,10 @@ class TableWriter:
     def check(self) -> bool:
         return True
 
-    def write(self, rows: Sequence[Row]) -> WriteResult:
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
         self.writes += 1
+        if before_insert is not None:
+            before_insert()
         if self.fail_next:
             self.fail_next -= 1
             raise RetryableError("db_write", "connection refused")
@@ -131,16 +135,20 @@ def good(i: int, device: str = "dev") -> bytes:
 
 
 def make(records: list[SourceRecord], batch_size: int = 10, breaker: DlqBreaker | None = None,
+         spare: TableWriter | None = None, first: TableWriter | None = None,
          **cfg: Any) -> tuple[Pipeline, ListSource, TableWriter, RecordingCommitter, list[str], ManualClock]:
     clock = ManualClock()
     events: list[str] = []
     source = ListSource(clock, records)
-    writer = TableWriter(events)
+    writer = first or TableWriter(events)
+    writer.events = events
+    if spare is not None:  # a second connection to the same table
+        spare.rows, spare.events = writer.rows, events
     committer = RecordingCommitter(events)
     conf = PipelineConfig(topic=TOPIC, batch_size=batch_size, batch_timeout=1.0, retry_initial_backoff=0.5,
                           retry_max_backoff=4.0, **cfg)
     p = Pipeline(conf, source, writer, committer, clock=clock,
-                 breaker=breaker or DlqBreaker(DlqBreakerPolicy(enabled=False)))
+                 breaker=breaker or DlqBreaker(DlqBreakerPolicy(enabled=False)), spare_writer=spare)
     return p, source, writer, committer, events, clock
 
 
@@ -155,12 +163,20 @@ def run_until(p: Pipeline, cond: Callable[[], bool], max_steps: int = 10_000) ->
 def test_rows_are_written_before_offsets_are_committed() -> None:
     records = [rec(i % 3, i // 3, good(i)) for i in range(30)]
     p, _source, writer, committer, events, _ = make(records)
+    inner = committer.complete
+    checked = []
+
+    def complete(dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
+        written = {row[5] for row in writer.rows.values()}  # value = the record's number i
+        for (_, partition), offset in offsets.items():  # record i is (partition i % 3, offset i // 3)
+            assert {3 * o + partition for o in range(offset)} <= written, "offset committed before its row"
+        checked.append(offsets)
+        inner(dlq, offsets)
+
+    committer.complete = complete  # type: ignore[method-assign]
     run_until(p, lambda: committer.offsets == {(TOPIC, 0): 10, (TOPIC, 1): 10, (TOPIC, 2): 10})
     assert len(writer.rows) == 30
-    assert events[0].startswith("write:")
-    for i, e in enumerate(events):
-        if e.startswith("commit"):
-            assert events[i - 1].startswith("write:"), events
+    assert events[0].startswith("write:") and checked
 
 
 def test_partial_batch_is_flushed_after_timeout_without_sleeping() -> None:
@@ -320,9 +336,9 @@ def test_written_batches_wait_at_most_the_commit_interval() -> None:
     commits = committing_only_written_rows(committer, writer)
     inner = writer.write
 
-    def slow_write(rows: Sequence[Row]) -> WriteResult:
+    def slow_write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
         clock.now += 0.2  # each write takes 0.2 s
-        return inner(rows)
+        return inner(rows, before_insert)
 
     writer.write = slow_write  # type: ignore[method-assign]
     run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
@@ -334,3 +350,51 @@ def test_commit_interval_zero_commits_every_batch() -> None:
     commits = committing_only_written_rows(committer, writer)
     run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
     assert commits == list(range(10, 101, 10))
+
+
+class TimedWriter(TableWriter):
+    """Records when each write's COPY starts, its INSERT runs and the write ends (a global
+    sequence), and takes a little while, so that two writers really overlap."""
+
+    def __init__(self, marks: list[tuple[str, int]]) -> None:
+        super().__init__([])
+        self.marks = marks
+
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
+        first = rows[0][5] if rows else -1
+        self.marks.append(("copy", first))
+        time.sleep(0.005)
+        if before_insert is not None:
+            before_insert()
+        self.marks.append(("insert", first))
+        time.sleep(0.01)
+        try:
+            return super().write(rows)
+        finally:
+            self.marks.append(("end", first))
+
+
+def test_with_a_spare_writer_the_next_batch_is_staged_while_the_previous_one_inserts() -> None:
+    marks: list[tuple[str, int]] = []
+    p, _, timed, committer, _, _ = make([rec(0, i, good(i)) for i in range(100)], first=TimedWriter(marks),
+                                        spare=TimedWriter(marks))
+    commits = committing_only_written_rows(committer, timed)
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
+    assert len(timed.rows) == 100 and commits[-1] == 100
+    at = {m: i for i, m in enumerate(marks)}
+    batches = sorted({first for _, first in marks})
+    assert batches == list(range(0, 100, 10))
+    for prev, nxt in pairwise(batches):
+        assert at[("insert", nxt)] > at[("end", prev)], "a batch inserted before the previous write ended"
+    assert any(at[("copy", nxt)] < at[("end", prev)] for prev, nxt in pairwise(batches)), \
+        "the writes never overlapped"
+
+
+def test_with_a_spare_writer_a_database_outage_loses_nothing_and_commits_in_order() -> None:
+    spare = TableWriter([])
+    p, _, writer, committer, _, _ = make([rec(0, i, good(i)) for i in range(100)], spare=spare)
+    writer.fail_next, spare.fail_next = 3, 3
+    commits = committing_only_written_rows(committer, writer)
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
+    assert len(writer.rows) == 100
+    assert commits == sorted(commits) and commits[-1] == 100
