@@ -17,6 +17,8 @@ from sink.settings import Settings
 from sink.types import SourceRecord
 
 log = get_logger("sink.source")
+# SourceRecord(...) without the Python-level __new__ a NamedTuple adds (one per consumed record).
+_new_record: Any = tuple.__new__
 
 TP = tuple[str, int]
 PartitionsCallback = Callable[[list[TP]], None]
@@ -148,8 +150,8 @@ class KafkaSource:
             # topic/partition/offset are set on every fetched message; consumed messages carry
             # headers as a list of (str, bytes | None) pairs, or None.
             headers: Any = m.headers()
-            append(SourceRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),  # type: ignore[arg-type]
-                                tuple(headers) if headers else (), ts if ts_type else None))
+            append(_new_record(SourceRecord, (m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                                              tuple(headers) if headers else (), ts if ts_type else None)))
         self.broker_up = True if msgs or self.consumer.assignment() else self.broker_up
         self.last_ok = time.monotonic()
         return out
