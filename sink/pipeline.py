@@ -284,6 +284,7 @@ class Pipeline:
             self._forget(batch)
             raise
         self._last_db_activity = self._clock()
+        self._resume()  # retries paused consumption
         return _Done(batch, written, write_s)
 
     def _complete(self, done: _Done) -> None:
@@ -361,6 +362,9 @@ class Pipeline:
         finally:
             for batch, _ in pending:
                 self._forget(batch)
+        self._resume()
+
+    def _resume(self) -> None:
         self.source.resume()
         self.metrics.paused.set(0)
 
