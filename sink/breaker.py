@@ -40,11 +40,17 @@ class DlqBreaker:
         published; returns why the breaker trips, or None.  Once tripped it stays tripped."""
         if not self.policy.enabled:
             return None
-        if True not in outcomes:  # the usual batch: the streak ends, the share can only fall
+        bad = outcomes.count(True)
+        p = self.policy
+        if self.tripped_reason is not None or (self._streak + bad < p.consecutive
+                                               and self._bad_in_window + bad <= p.ratio * p.window):
+            # Nothing in this batch can trip the breaker (or it already is): the streak cannot
+            # reach the limit and the share cannot pass it, so update both in bulk.
             if outcomes:
-                self._streak = 0
                 self._recent.extend(outcomes)
                 self._bad_in_window = sum(self._recent)
+                good_at = len(outcomes) - 1 - outcomes[::-1].index(False) if bad < len(outcomes) else -1
+                self._streak = len(outcomes) - 1 - good_at + (self._streak if good_at < 0 else 0)
             return self.tripped_reason
         for is_bad in outcomes:
             if len(self._recent) == self._recent.maxlen and self._recent[0]:

@@ -6,6 +6,7 @@ the Protocols below are swapped for in-memory fakes in tests/test_pipeline.py.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,7 +58,8 @@ class Writer(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult: ...
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+              after_insert: Callable[[], None] | None = None) -> WriteResult: ...
 
     def check(self) -> bool: ...
 
@@ -112,6 +114,7 @@ class _Writing:
     writer: Writer
     future: Future[tuple[_Written, float]]
     started: float
+    inserted: threading.Event  # its rows are in the table (uncommitted), or its write ended
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,9 @@ class Pipeline:
         # Batches in step 1 (the database write), oldest first, each in a writer thread on its
         # own connection, while this thread consumes and decodes the next one and commits the
         # previous ones.  With a spare writer two batches overlap: the second one's COPY into
-        # its stage runs while the first one inserts, and its INSERT waits for the first
-        # write to end (so two batches never wait on each other's rows: no deadlock).
+        # its stage runs while the first one inserts, and its INSERT starts once the first
+        # one's INSERT went through (the first then only fetches and commits: it waits on
+        # nothing, so the two never wait on each other's rows) or its write ended.
         self._writers: list[Writer] = [writer] if spare_writer is None else [writer, spare_writer]
         self._next_writer = 0
         self._writing: list[_Writing] = []
@@ -257,14 +261,18 @@ class Pipeline:
         # Round robin, oldest awaited first: the writer taken is the one whose batch finished.
         writer = self._writers[self._next_writer]
         self._next_writer = (self._next_writer + 1) % len(self._writers)
-        before = self._writing[-1].future if self._writing else None
+        before = self._writing[-1].inserted if self._writing else None
+        inserted = threading.Event()
         self._inflight.append(batch)
         started = self._clock()
 
         def write() -> tuple[_Written, float]:
-            return self._write(batch, writer, before), self._clock() - started
+            try:
+                return self._write(batch, writer, before, inserted), self._clock() - started
+            finally:
+                inserted.set()
 
-        self._writing.append(_Writing(batch, writer, self._write_thread.submit(write), started))
+        self._writing.append(_Writing(batch, writer, self._write_thread.submit(write), started, inserted))
 
     def _await_write(self) -> _Done:
         """Step 1 of _complete's list, finished: the writer thread's outcome, or retries here."""
@@ -275,7 +283,7 @@ class Pipeline:
         def attempt() -> tuple[_Written, float]:
             if threaded:  # attempt 1 ran in the writer thread: its outcome, or its error to retry
                 return threaded.pop().result()
-            return self._write(batch, writer, None), self._clock() - started
+            return self._write(batch, writer, None, None), self._clock() - started
 
         try:
             # Attempts after the first run here, with consumption paused.
@@ -371,18 +379,28 @@ class Pipeline:
     def _forget(self, batch: Batch) -> None:
         self._inflight = [b for b in self._inflight if b is not batch]  # identity: Batch compares by value
 
-    def _write(self, batch: Batch, writer: Writer, after: Future[Any] | None) -> _Written:
-        """Step 1 for one batch; with `after` (the previous batch's write), its rows go into the
-        stage at once but are inserted only once that write has ended."""
+    def _write(self, batch: Batch, writer: Writer, after: threading.Event | None,
+               rows_in: threading.Event | None) -> _Written:
+        """Step 1 for one batch.  With `after` (the previous batch's), its rows go into the stage
+        at once and into the table once the previous batch's rows are in; `rows_in` is set
+        when this batch's whole-batch INSERT went through.  A batch that bisects around poison
+        sets it only when its write has ended (_start): its later INSERTs must not wait on
+        the next batch's rows while that one waits on theirs."""
         rows, sources = batch.rows, batch.row_sources
         if not rows:
             return _Written(WriteResult(0, 0), [], [])
+        calls = [0]
 
         def wait_previous() -> None:
             if after is not None:
-                wait_futures([after])
+                after.wait()
 
-        iso = write_isolating_poison(rows, lambda part: writer.write(part, wait_previous), self.cfg.max_splits)
+        def write(part: Sequence[Row]) -> WriteResult:
+            calls[0] += 1
+            signal = rows_in.set if rows_in is not None and calls[0] == 1 else None
+            return writer.write(part, wait_previous, signal)
+
+        iso = write_isolating_poison(rows, write, self.cfg.max_splits)
         self.health.db_ok = True
         self.metrics.db_connected.set(1)
         inserted = sum(r.inserted for _, _, r in iso.written)

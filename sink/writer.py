@@ -150,11 +150,12 @@ class PgWriter:
             raise FatalError(f"table {self.table} lacks column(s) {missing} of the model: a migration is missing")
         return [int(found[c]) for c in self.columns]
 
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+              after_insert: Callable[[], None] | None = None) -> WriteResult:
         """Write rows in one transaction.  Raises RetryableError, PoisonError or FatalError.
 
-        before_insert runs between the COPY into the stage and the INSERT (the pipeline waits
-        there for the previous batch's write)."""
+        before_insert runs between the COPY into the stage and the INSERT, after_insert once
+        the INSERT succeeded (before the commit): the pipeline orders two batches' INSERTs there."""
         if not rows:
             return WriteResult(0, 0)
         self.connect()
@@ -169,6 +170,8 @@ class PgWriter:
                 if before_insert is not None:
                     before_insert()
                 cur.execute(self._insert_sql, binary=True)
+                if after_insert is not None:
+                    after_insert()
                 returned = cur.fetchall()
             conn.commit()
         except psycopg.Error as e:

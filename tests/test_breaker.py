@@ -40,6 +40,14 @@ def test_streak_spans_batches() -> None:
     assert b.feed([BAD, BAD]) is not None
 
 
+def test_streak_spans_batches_that_are_all_rejects() -> None:
+    b = breaker(consecutive=4, window=1000)
+    assert b.feed([GOOD, BAD]) is None
+    assert b.feed([BAD]) is None
+    assert b.feed([BAD]) is None
+    assert b.feed([BAD]) is not None
+
+
 def test_ratio_does_not_count_before_the_window_is_full() -> None:
     b = breaker(ratio=0.1, window=100, consecutive=1000)
     assert b.feed([BAD] * 99) is None

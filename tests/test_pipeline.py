@@ -91,7 +91,8 @@ class TableWriter:
     def check(self) -> bool:
         return True
 
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+              after_insert: Callable[[], None] | None = None) -> WriteResult:
         self.writes += 1
         if before_insert is not None:
             before_insert()
@@ -107,6 +108,8 @@ class TableWriter:
             else:
                 self.rows[r[:5]] = r
         self.events.append(f"write:{len(rows)}")
+        if after_insert is not None:
+            after_insert()
         return WriteResult(len(rows) - len(dups), len(dups), tuple(dups))
 
 
@@ -153,11 +156,16 @@ def make(records: list[SourceRecord], batch_size: int = 10, breaker: DlqBreaker 
 
 
 def run_until(p: Pipeline, cond: Callable[[], bool], max_steps: int = 10_000) -> None:
-    for _ in range(max_steps):
+    """Step until cond(); max_steps bounds the loop while nothing runs beside it, 30 s of real
+    time while writer threads do (the manual clock does not wait for them)."""
+    deadline, steps = time.monotonic() + 30, 0
+    while steps < max_steps or ((p._writing or p._pending) and time.monotonic() < deadline):
         if cond():
             return
         p.step()
-    raise AssertionError("condition not reached")
+        steps += 1
+    if not cond():
+        raise AssertionError("condition not reached")
 
 
 def test_rows_are_written_before_offsets_are_committed() -> None:
@@ -336,9 +344,10 @@ def test_written_batches_wait_at_most_the_commit_interval() -> None:
     commits = committing_only_written_rows(committer, writer)
     inner = writer.write
 
-    def slow_write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
+    def slow_write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+                   after_insert: Callable[[], None] | None = None) -> WriteResult:
         clock.now += 0.2  # each write takes 0.2 s
-        return inner(rows, before_insert)
+        return inner(rows, before_insert, after_insert)
 
     writer.write = slow_write  # type: ignore[method-assign]
     run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
@@ -353,14 +362,15 @@ def test_commit_interval_zero_commits_every_batch() -> None:
 
 
 class TimedWriter(TableWriter):
-    """Records when each write's COPY starts, its INSERT runs and the write ends (a global
-    sequence), and takes a little while, so that two writers really overlap."""
+    """Records (in one shared sequence) when each write's COPY starts, its INSERT starts, its
+    rows are in, and the write ends; takes a little while, so that two writers overlap."""
 
     def __init__(self, marks: list[tuple[str, int]]) -> None:
         super().__init__([])
         self.marks = marks
 
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+              after_insert: Callable[[], None] | None = None) -> WriteResult:
         first = rows[0][5] if rows else -1
         self.marks.append(("copy", first))
         time.sleep(0.005)
@@ -369,12 +379,17 @@ class TimedWriter(TableWriter):
         self.marks.append(("insert", first))
         time.sleep(0.01)
         try:
-            return super().write(rows)
+            result = super().write(rows)
+            self.marks.append(("inserted", first))
+            if after_insert is not None:
+                after_insert()
+            time.sleep(0.005)  # fetch + commit
+            return result
         finally:
             self.marks.append(("end", first))
 
 
-def test_with_a_spare_writer_the_next_batch_is_staged_while_the_previous_one_inserts() -> None:
+def test_with_a_spare_writer_the_next_batch_inserts_once_the_previous_rows_are_in() -> None:
     marks: list[tuple[str, int]] = []
     p, _, timed, committer, _, _ = make([rec(0, i, good(i)) for i in range(100)], first=TimedWriter(marks),
                                         spare=TimedWriter(marks))
@@ -385,9 +400,23 @@ def test_with_a_spare_writer_the_next_batch_is_staged_while_the_previous_one_ins
     batches = sorted({first for _, first in marks})
     assert batches == list(range(0, 100, 10))
     for prev, nxt in pairwise(batches):
-        assert at[("insert", nxt)] > at[("end", prev)], "a batch inserted before the previous write ended"
-    assert any(at[("copy", nxt)] < at[("end", prev)] for prev, nxt in pairwise(batches)), \
-        "the writes never overlapped"
+        assert at[("insert", nxt)] > at[("inserted", prev)], "a batch inserted before the previous one's rows were in"
+    assert any(at[("copy", nxt)] < at[("inserted", prev)] for prev, nxt in pairwise(batches)), \
+        "the next batch was never staged while the previous one inserted"
+    assert any(at[("insert", nxt)] < at[("end", prev)] for prev, nxt in pairwise(batches)), \
+        "the next batch never inserted while the previous one committed"
+
+
+def test_with_a_spare_writer_a_bisecting_batch_finishes_before_the_next_one_inserts() -> None:
+    marks: list[tuple[str, int]] = []
+    first, spare = TimedWriter(marks), TimedWriter(marks)
+    first.poison = spare.poison = lambda row: row[5] == 13  # record 13, in the batch of 10..19
+    p, _, timed, committer, _, _ = make([rec(0, i, good(i)) for i in range(40)], first=first, spare=spare)
+    run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 40)
+    assert len(timed.rows) == 39 and len(committer.dlq) == 1
+    last_end_of_poisoned = max(i for i, (kind, f) in enumerate(marks) if kind == "end" and 10 <= f < 20)
+    first_insert_of_next = min(i for i, (kind, f) in enumerate(marks) if kind == "insert" and f == 20)
+    assert first_insert_of_next > last_end_of_poisoned
 
 
 def test_with_a_spare_writer_a_database_outage_loses_nothing_and_commits_in_order() -> None:
