@@ -188,9 +188,10 @@ class Pipeline:
     def step(self) -> None:
         """One turn of the loop: hand a due batch to the writer, commit a written one, or consume.
 
-        Three batches overlap: batch N+1 is decoded here while batch N is written in the writer
-        thread; once N is written, N+1 goes to the writer and only then are N's DLQ records and
-        offsets committed, so the Kafka round trips hide behind the next write.  Each batch
+        Batches overlap: while this thread consumes and decodes the next batch, the writer
+        threads stage one batch and insert the one before it (see _start); once the oldest is
+        written the next due batch goes to a writer first, and only then does the written one
+        go through steps 2-4, so the Kafka round trips hide behind the writes.  Each batch
         still goes through _complete's steps in order, and batches commit in order."""
         self.health.turn()
         self._update_gauges()
