@@ -177,8 +177,9 @@ def test_postgres_down_no_commit_no_dlq_then_every_row_lands(sinks: Any, schema:
 
 def test_sigterm_mid_stream_exits_0_and_restart_finishes_without_loss(sinks: Any, schema: str, topic: str,
                                                                       group: str) -> None:
+    total = 30_000  # 600 batches of 50 for the first sink: it cannot be done when SIGTERM lands
     sink = sinks(batch_size=50)
-    testkit.produce(topic, [measurement(i) for i in range(3000)])
+    testkit.produce(topic, [measurement(i) for i in range(total)])
     testkit.wait_for(lambda: any(e["event"] == "batch_written" for e in sink.events()), 30,
                      what="a first written batch")
     sink.signal(signal.SIGTERM)
@@ -186,10 +187,10 @@ def test_sigterm_mid_stream_exits_0_and_restart_finishes_without_loss(sinks: Any
     assert "sink_stopped" in [e["event"] for e in sink.events()]
     # What was written before the stop is committed, and the stop came mid-stream.
     committed = testkit.committed_offsets(group, topic)
-    assert 0 < sum(committed.values()) < 3000
+    assert 0 < sum(committed.values()) < total
     second = sinks(batch_size=500)
     wait_committed(group, topic, testkit.end_offsets(topic))
-    assert testkit.row_count(schema) == 3000
+    assert testkit.row_count(schema) == total
     assert second.stop() == 0
 
 
