@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from dev import services
 from sink.demo import records
 from sink.model import COLUMNS, PRIMARY_KEY, IotMeasurement, Row, as_row
+from sink.produce import produce_waiting
 
 DEVICES = 1000
 INVALID_SHARE = 0.01
@@ -89,12 +90,7 @@ def preload(topic: str, values: Sequence[bytes]) -> dict[int, int]:
             landed[msg.partition()] = landed.get(msg.partition(), 0) + 1
 
     for i, v in enumerate(values):
-        while True:
-            try:
-                p.produce(topic, value=v, partition=i % PARTITIONS, on_delivery=on_ack)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce_waiting(p, topic, 0.05, value=v, partition=i % PARTITIONS, on_delivery=on_ack)
         p.poll(0)
     left = p.flush(120)
     if left or errors:

@@ -18,6 +18,7 @@ from bench.procstat import Sampler
 from bench.sinkrun import BenchSink, LogTail, SinkDied, bench_env, incidents, log_time, wait_drained, wait_event
 from dev import services, testkit
 from sink.demo import records
+from sink.produce import produce_waiting
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,7 @@ def produce_steady(topic: str, rate: float, seconds: float) -> list[Acked]:
     t0 = time.monotonic()
     for i, value in enumerate(records(count, seed=5, devices=DEVICES, invalid_share=INVALID_SHARE,
                                       duplicate_share=DUPLICATE_SHARE, start=time.time())):
-        while True:
-            try:
-                p.produce(topic, value=value, on_delivery=on_ack)
-                break
-            except BufferError:
-                p.poll(0.01)
+        produce_waiting(p, topic, 0.01, value=value, on_delivery=on_ack)
         ahead = (i + 1) / rate - (time.monotonic() - t0)
         while ahead > 0:
             p.poll(ahead)

@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 
 from chaos_tests.records import Planned
 from dev import services
+from sink.produce import produce_waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +106,8 @@ class StreamProducer:
             else:
                 self.ledger.add(Produced(msg.partition(), msg.offset(), planned))
 
-        while True:
-            try:
-                self._producer.produce(self.topic, value=planned.value, key=planned.key, partition=part,
-                                       on_delivery=on_ack)
-                break
-            except BufferError:
-                self._producer.poll(0.05)
+        produce_waiting(self._producer, self.topic, 0.05, value=planned.value, key=planned.key, partition=part,
+                        on_delivery=on_ack)
         self.sent += 1
         self._producer.poll(0)
 

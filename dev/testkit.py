@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # missing from the stub
 
 from dev import services
+from sink.produce import produce_waiting
 
 ROOT = services.ROOT
 
@@ -116,12 +117,7 @@ def produce(
             kw["partition"] = partition
         if headers:
             kw["headers"] = headers
-        while True:
-            try:
-                p.produce(topic, **kw)
-                break
-            except BufferError:
-                p.poll(0.1)
+        produce_waiting(p, topic, **kw)
         p.poll(0)
     remaining = p.flush(60)
     if remaining or errors:

@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from sink.committer import producer_config
 from sink.envelope import DlqRecord
 from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.produce import produce_waiting
 from sink.settings import Settings
 
 TP = tuple[str, int]
@@ -162,9 +163,4 @@ def _produce(p: Producer, topic: str, rec: DlqRecord, on_ack: Any = None) -> Non
     kw: dict[str, Any] = {"value": rec.value, "key": rec.key, "headers": list(rec.headers)}
     if on_ack is not None:
         kw["on_delivery"] = on_ack
-    while True:
-        try:
-            p.produce(topic, **kw)
-            return
-        except BufferError:
-            p.poll(0.1)
+    produce_waiting(p, topic, **kw)

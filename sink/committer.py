@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from sink.envelope import DlqRecord
 from sink.errors import FatalError, RetryableError, classify_kafka_error
 from sink.logs import get_logger
+from sink.produce import produce_waiting
 from sink.settings import Settings
 
 log = get_logger("sink.committer")
@@ -129,12 +130,7 @@ class TransactionalCommitter:
             raise self._classify(err, "dlq_commit") from e
 
     def _produce(self, p: Producer, rec: DlqRecord) -> None:
-        while True:
-            try:
-                p.produce(self._topic, value=rec.value, key=rec.key, headers=list(rec.headers))
-                return
-            except BufferError:
-                p.poll(0.1)
+        produce_waiting(p, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers))
 
     def _commit(self, p: Producer) -> None:
         # A retriable commit error leaves the transaction committing: commit again, never abort.
@@ -184,13 +180,8 @@ class PlainCommitter:
                 errors.append(err)
 
         for rec in dlq:
-            while True:
-                try:
-                    self._producer.produce(self._topic, value=rec.value, key=rec.key, headers=list(rec.headers),
-                                           on_delivery=on_ack)
-                    break
-                except BufferError:
-                    self._producer.poll(0.1)
+            produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers),
+                            on_delivery=on_ack)
         if dlq:
             left = self._producer.flush(self._timeout)
             if left:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+from sink.produce import produce_waiting
+
 COMPONENTS = [("temperature", "°C", 15.0, 35.0), ("humidity", "%", 20.0, 90.0), ("pressure", "hPa", 980.0, 1040.0),
               ("voltage", "V", 3.0, 5.2), ("light", "lux", 0.0, 2000.0), ("relay", "", 0.0, 1.0)]
 MODES = ["analog", "digital", "i2c", "modbus"]
@@ -91,12 +93,7 @@ def produce(bootstrap: str, topic: str, count: int, *, rate: float = 0.0, seed: 
     t0 = time.monotonic()
     for i, value in enumerate(records(count, seed=seed, devices=devices, invalid_share=invalid_share,
                                       duplicate_share=duplicate_share)):
-        while True:
-            try:
-                p.produce(topic, value=value, key=None, on_delivery=on_ack)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce_waiting(p, topic, 0.05, value=value, key=None, on_delivery=on_ack)
         p.poll(0)
         if rate > 0:
             ahead = (i + 1) / rate - (time.monotonic() - t0)
