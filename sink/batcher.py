@@ -28,23 +28,6 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows) + len(self.rejections)
 
-    def _cover(self, rec: SourceRecord) -> None:
-        r = self.ranges.get((rec.topic, rec.partition))
-        if r is None:
-            self.ranges[(rec.topic, rec.partition)] = [rec.offset, rec.offset]
-        else:
-            r[0] = min(r[0], rec.offset)
-            r[1] = max(r[1], rec.offset)
-
-    def add_row(self, rec: SourceRecord, row: Row) -> None:
-        self.rows.append(row)
-        self.row_sources.append(rec)
-        self._cover(rec)
-
-    def add_rejection(self, rej: Rejection) -> None:
-        self.rejections.append(rej)
-        self._cover(rej.record)
-
     def release_rows(self) -> None:
         """Forget the rows once written (the batch may wait a while for its Kafka commit)."""
         self.rows, self.row_sources = [], []
@@ -86,15 +69,10 @@ class Batcher:
         return self._batch
 
     def add(self, rec: SourceRecord, outcome: Row | Rejection) -> None:
-        if self._opened_at is None:
-            self._opened_at = self._clock()
-        if isinstance(outcome, Rejection):
-            self._batch.add_rejection(outcome)
-        else:
-            self._batch.add_row(rec, outcome)
+        self.add_all([rec], [outcome])
 
     def add_all(self, records: Sequence[SourceRecord], outcomes: Sequence[Row | Rejection]) -> None:
-        """add() for each pair, with the per-record work cut to two appends (the hot path)."""
+        """Add consumed records with their decode outcomes (a Row, or a Rejection)."""
         if not records:
             return
         if self._opened_at is None:

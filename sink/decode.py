@@ -5,7 +5,7 @@ Two paths, one set of rules (sink/model.py):
 * the fast path: pydantic's Rust JSON parser checks the record against ``_Wire``, a narrow
   schema with no Python validator (names, aliases, lengths and defaults taken from
   IotMeasurement), then a few lines of Python finish the row with the model's own converters
-  (epoch units, UTC, value): 5.7-6.5 µs of CPU per record where the model, with its ~20
+  (epoch units, UTC, value): about 5 µs of CPU per record where the model, with its ~20
   Python validator calls, takes 16-19 µs (docs/performance.md).
 * the model path: IotMeasurement itself, for every record the fast path does not take.
 

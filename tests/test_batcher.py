@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -33,6 +35,14 @@ def row(offset: int) -> tuple[int]:
 
 def reject(r: SourceRecord) -> Rejection:
     return Rejection(r, "decode", "InvalidJson", "nope")
+
+
+def batch_of(pairs: list[tuple[SourceRecord, Any]]) -> Batch:
+    """A batch holding these (record, row or rejection) pairs, added one by one."""
+    b = Batcher(size=100_000, timeout=1.0)
+    for r, outcome in pairs:
+        b.add(r, outcome)
+    return b.batch
 
 
 @pytest.fixture
@@ -127,18 +137,13 @@ def test_rows_and_rejections_are_kept_apart_with_their_sources(clock: ManualCloc
 
 
 def test_commit_offsets_are_last_offset_plus_one_per_partition_over_rows_and_rejections() -> None:
-    batch = Batch(1)
-    batch.add_row(rec(10, 0), row(10))
-    batch.add_rejection(reject(rec(11, 0)))
-    batch.add_row(rec(5, 1), row(5))
-    batch.add_row(rec(3, 0, topic="other"), row(3))
+    batch = batch_of([(rec(10, 0), row(10)), (rec(11, 0), reject(rec(11, 0))), (rec(5, 1), row(5)),
+                      (rec(3, 0, topic="other"), row(3))])
     assert batch.commit_offsets() == {("in", 0): 12, ("in", 1): 6, ("other", 0): 4}
 
 
 def test_commit_offset_covers_a_rejection_at_the_end_of_the_batch() -> None:
-    batch = Batch(1)
-    batch.add_row(rec(10), row(10))
-    batch.add_rejection(reject(rec(11)))
+    batch = batch_of([(rec(10), row(10)), (rec(11), reject(rec(11)))])
     assert batch.commit_offsets() == {("in", 0): 12}
 
 
@@ -183,13 +188,7 @@ records = st.lists(
 
 @given(records)
 def test_commit_offsets_equal_max_offset_plus_one_for_any_records(items: list[tuple[str, int, int, bool]]) -> None:
-    batch = Batch(1)
-    for topic, partition, offset, bad in items:
-        r = rec(offset, partition, topic)
-        if bad:
-            batch.add_rejection(reject(r))
-        else:
-            batch.add_row(r, row(offset))
+    batch = batch_of([(rec(o, p, t), reject(rec(o, p, t)) if bad else row(o)) for t, p, o, bad in items])
     expected: dict[tuple[str, int], int] = {}
     for topic, partition, offset, _ in items:
         expected[(topic, partition)] = max(expected.get((topic, partition), 0), offset + 1)
@@ -201,13 +200,7 @@ def test_commit_offsets_equal_max_offset_plus_one_for_any_records(items: list[tu
 def test_drop_partitions_keeps_exactly_the_other_partitions(
     items: list[tuple[str, int, int, bool]], revoked: set[tuple[str, int]]
 ) -> None:
-    batch = Batch(1)
-    for topic, partition, offset, bad in items:
-        r = rec(offset, partition, topic)
-        if bad:
-            batch.add_rejection(reject(r))
-        else:
-            batch.add_row(r, row(offset))
+    batch = batch_of([(rec(o, p, t), reject(rec(o, p, t)) if bad else row(o)) for t, p, o, bad in items])
     kept = [i for i in items if (i[0], i[1]) not in revoked]
     assert batch.drop_partitions(revoked) == len(items) - len(kept)
     assert len(batch) == len(kept)
@@ -232,10 +225,11 @@ def test_batch_is_due_exactly_when_full_or_timed_out(size: int, gaps: list[int])
 
 
 @given(st.lists(st.lists(st.tuples(st.integers(0, 2), st.booleans()), max_size=30), max_size=6))
-def test_add_all_builds_the_same_batch_as_add_one_by_one(chunks: list[list[tuple[int, bool]]]) -> None:
-    """add_all (the pipeline's hot path) == add() per record: rows, sources, rejections, ranges."""
-    one, many = Batcher(size=10_000, timeout=1.0), Batcher(size=10_000, timeout=1.0)
+def test_add_all_keeps_rows_rejections_and_each_partitions_offset_range(chunks: list[list[tuple[int, bool]]]) -> None:
+    """Chunks as consume() returns them (each partition in offset order, partitions interleaved)."""
+    b = Batcher(size=10_000, timeout=1.0)
     next_offset = {0: 5, 1: 0, 2: 100}
+    rows, sources, rejections, ranges = [], [], [], {}
     for chunk in chunks:
         records, outcomes = [], []
         for partition, bad in chunk:
@@ -243,9 +237,14 @@ def test_add_all_builds_the_same_batch_as_add_one_by_one(chunks: list[list[tuple
             next_offset[partition] += 1
             records.append(r)
             outcomes.append(reject(r) if bad else row(r.offset))
-        for r, o in zip(records, outcomes, strict=True):
-            one.add(r, o)
-        many.add_all(records, outcomes)
-    a, b = one.batch, many.batch
-    assert (a.rows, a.row_sources, a.rejections, a.ranges) == (b.rows, b.row_sources, b.rejections, b.ranges)
-    assert one.due() == many.due() and len(a) == len(b)
+            if bad:
+                rejections.append(outcomes[-1])
+            else:
+                rows.append(outcomes[-1])
+                sources.append(r)
+            lo_hi = ranges.setdefault(("in", partition), [r.offset, r.offset])
+            lo_hi[1] = r.offset
+        b.add_all(records, outcomes)
+    got = b.batch
+    assert (got.rows, got.row_sources, got.rejections, got.ranges) == (rows, sources, rejections, ranges)
+    assert len(got) == sum(len(c) for c in chunks)
