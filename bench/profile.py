@@ -44,7 +44,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("fetchall", "write: fetch RETURNING rows"),
     ("PgWriter.write", "write: other (psycopg, SQL)"),
     ("decode (", "decode + validate"),
-    ("_decode_each", "decode + validate"),
+    ("decode_many", "decode + validate"),
     ("KafkaSource.consume", "consume (librdkafka -> SourceRecord)"),
     ("Batcher.add", "batch assembly"),
     ("Batch.", "batch assembly"),
