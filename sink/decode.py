@@ -162,7 +162,7 @@ def _by_model(record: SourceRecord, value: bytes) -> Row | Rejection:
 
 def decode_many(records: Sequence[SourceRecord]) -> list[Row | Rejection]:
     """decode() of each record, in order, with the fast path's parsing done in one call for the
-    whole list (~0.3 µs per record less than a call per record: docs/performance.md)."""
+    whole list (~0.5 µs per record less than a call per record: docs/performance.md)."""
     if _validate_wires is None:
         return [decode(rec) for rec in records]
     out: list[Row | Rejection] = []
