@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ T = TypeVar("T")
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 GIL_SWITCH_INTERVAL_S = 0.0002  # bench/: 0.2 ms gave +17% records/s over the default 5 ms
+GC_GEN0_THRESHOLD = 10_000  # with gc.freeze(): +8% records/s, -10% CPU (docs/performance.md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kafka-timescale-sink: {e}", file=sys.stderr)
         return EXIT_FATAL
     return EXIT_OK
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the hot path.  The batches in flight keep thousands
+    of objects alive across young collections, so they reach the old generation and trigger full
+    collections, each of which also walked every object of the startup (modules, pydantic's
+    schemas).  Measured over a 200,000-record drain: 1,150 young, 105 middle and 9 full
+    collections, 0.5 s of the GIL; with this, 4 collections and 32 ms.  So: freeze the startup
+    objects (they live as long as the process) and collect the young generation per 10,000
+    allocations instead of 700.  Rows are freed by reference counting either way; the collector
+    is only for reference cycles, and it still runs."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def run(settings: Settings) -> int:
@@ -133,6 +149,7 @@ def run(settings: Settings) -> int:
     # The writer thread needs the GIL for a moment after each database round trip; with the
     # default 5 ms switch interval it waits that long behind the decoding loop every time.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    tune_gc()
     if stopping["now"]:
         pipeline.request_stop()
     try:

@@ -125,3 +125,13 @@ def test_log_search_tells_each_records_fate(sink: tuple[testkit.SinkProcess, int
     assert "duplicate" in search(2)
     out = search(3)
     assert "dlq" in out and "invalidjson" in out
+
+
+def test_tune_gc_freezes_the_startup_objects_and_collects_young_objects_less_often() -> None:
+    # In a child process: freezing the test runner's own objects would outlive this test.
+    code = ("import gc, sink.cli as c; before = gc.get_freeze_count(); c.tune_gc(); "
+            "print(before, gc.get_freeze_count(), gc.get_threshold()[0] == c.GC_GEN0_THRESHOLD > 700)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    before, after, raised = out.stdout.split()
+    assert int(before) == 0 and int(after) > 10_000, out.stdout
+    assert raised == "True"
