@@ -100,17 +100,20 @@ _PIN_MAX = getattr(_limits("pin_position"), "max_length", None) or 0
 
 def fast_row(value: bytes) -> Row | None:
     """The row for a well-formed record, or None: "ask the model" (never a verdict on validity)."""
-    if _validate_wire is None or b"\\u0000" in value:
-        return None  # a NUL escape would reach a text field (a raw NUL byte is not JSON at all)
+    if _validate_wire is None:
+        return None
     try:
         d = _validate_wire(value)
     except ValidationError:
         return None
-    return _finish(d)
+    return _finish(value, d)
 
 
-def _finish(d: dict[str, Any]) -> Row | None:
-    """The row from a dict that passed ``_Wire``, converted as the model converts; None: "ask the model"."""
+def _finish(value: bytes, d: dict[str, Any]) -> Row | None:
+    """The row from `value`, whose parse `d` passed ``_Wire``, converted as the model converts;
+    None: "ask the model"."""
+    if b"\\u0000" in value:
+        return None  # a NUL escape would reach a text field (a raw NUL byte is not JSON at all)
     ts = d["timestamp"]
     kind = type(ts)
     try:
@@ -170,12 +173,8 @@ def decode_many(records: Sequence[SourceRecord]) -> list[Row | Rejection]:
     for rec, d in zip(records, _validate_wires([rec.value for rec in records]), strict=True):
         if type(d) is dict:  # it passed _Wire; anything else is the input itself, handed back
             value: Any = rec.value  # bytes: it parsed as JSON
-            if b"\\u0000" not in value:
-                row = _finish(d)
-                if row is not None:
-                    append(row)
-                    continue
-            append(_by_model(rec, value))
+            row = _finish(value, d)
+            append(row if row is not None else _by_model(rec, value))
         else:
             append(decode(rec))  # empty, or not _Wire's: decode's own path (the model, for the rest)
     return out
