@@ -365,9 +365,8 @@ class Pipeline:
                 if batch.ranges:
                     log.info("batch_committed", topic=self.cfg.topic, batch_id=batch.batch_id,
                              offsets=_offset_ranges(batch), latency_ms=latency_ms)
-                for rej in rejections:
-                    if (rej.record.topic, rej.record.partition) in batch.ranges:
-                        self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
+                for rej in _still_ours(batch, rejections):
+                    self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
         finally:
             for batch, _ in pending:
                 self._forget(batch)
@@ -416,8 +415,7 @@ class Pipeline:
         envelopes: list[DlqRecord] = []
         offsets: dict[TP, int] = {}
         for batch, rejections in pending:
-            owned = batch.ranges  # the partitions still ours: revoked ones were dropped
-            envelopes.extend(to_dlq_record(r) for r in rejections if (r.record.topic, r.record.partition) in owned)
+            envelopes.extend(map(to_dlq_record, _still_ours(batch, rejections)))
             for tp, offset in batch.commit_offsets().items():
                 offsets[tp] = max(offset, offsets.get(tp, offset))
         with self.watchdog.guard("kafka_commit"):
@@ -547,6 +545,11 @@ class Pipeline:
 
 def _offset_ranges(batch: Batch) -> dict[str, list[int]]:
     return {str(p): list(r) for (_, p), r in sorted(batch.ranges.items())}
+
+
+def _still_ours(batch: Batch, rejections: list[Rejection]) -> list[Rejection]:
+    """The rejections of partitions still assigned: a revoke drops partitions from batch.ranges."""
+    return [r for r in rejections if (r.record.topic, r.record.partition) in batch.ranges]
 
 
 def _outcomes(batch: Batch, rejections: list[Rejection]) -> list[bool]:
