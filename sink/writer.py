@@ -57,14 +57,15 @@ def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]]
     if len(returned) == len(rows):  # every row came back: all new (the usual batch, and no hashing)
         return WriteResult(inserted=len(rows), duplicates=0)
     key_of = itemgetter(*pk_index) if len(pk_index) > 1 else lambda row: (row[pk_index[0]],)
-    dups = _in_order_duplicates(list(map(key_of, rows)), returned)
+    keys = list(map(key_of, rows))
+    dups = _in_order_duplicates(keys, returned)
     if dups is not None:
         return WriteResult(inserted=len(rows) - len(dups), duplicates=len(dups), duplicate_indexes=tuple(dups))
     remaining: dict[tuple[Any, ...], int] = {}
     for key in returned:
         remaining[key] = remaining.get(key, 0) + 1
     dups = []
-    for i, key in enumerate(map(key_of, rows)):
+    for i, key in enumerate(keys):
         n = remaining.get(key, 0)
         if n:
             remaining[key] = n - 1
