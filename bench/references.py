@@ -6,6 +6,7 @@ primary key and indexes) in the same database the sink writes to.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from psycopg import sql
 from pydantic import ValidationError
 
 from bench.procstat import cpu_seconds
-from dev import testkit
+from dev import services, testkit
 from sink.model import COLUMNS, IotMeasurement, Row, as_row
 
 TABLE = "iot_measurements"
@@ -113,3 +114,43 @@ def reference(schema: str, values: Sequence[bytes], page_size: int = 100) -> Tim
                     conn.commit()
 
         return _timed(conn, len(values), work)
+
+
+def reference_psycopg2(schema: str, values: Sequence[bytes], page_size: int = 100) -> Timed:
+    """The reference design to the letter: psycopg 2's ``execute_batch`` (the page's statements
+    joined into one query string, which the server parses and plans one by one) and a commit
+    per page.  A calibration of `reference` above, which ports it to psycopg 3's pipelined
+    ``executemany``; psycopg 2 is not a dependency of the project (``--psycopg2-reference``)."""
+    try:
+        pg2: Any = importlib.import_module("psycopg2")
+        extras: Any = importlib.import_module("psycopg2.extras")
+    except ImportError as e:
+        raise SystemExit("--psycopg2-reference needs psycopg 2: .venv/bin/pip install psycopg2-binary "
+                         "(or put it on PYTHONPATH); it is not a dependency of the project") from e
+    insert = "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
+        TABLE, ", ".join(COLUMNS), ", ".join(["%s"] * len(COLUMNS)))
+    validate = IotMeasurement.model_validate_json
+    conn = pg2.connect(services.conninfo() + f" options='-c search_path={schema},public'")
+    try:
+        backend = conn.get_backend_pid()
+        db0, cpu0, t0 = cpu_seconds(backend) or 0.0, time.process_time(), time.perf_counter()
+        page: list[Row] = []
+        with conn.cursor() as cur:
+            for value in values:
+                try:
+                    page.append(as_row(validate(value)))
+                except ValidationError:
+                    continue
+                if len(page) == page_size:
+                    extras.execute_batch(cur, insert, page, page_size=page_size)
+                    conn.commit()
+                    page = []
+            if page:
+                extras.execute_batch(cur, insert, page, page_size=page_size)
+                conn.commit()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        db = (cpu_seconds(backend) or db0) - db0
+    finally:
+        conn.close()
+    with testkit.connect(schema) as check:
+        return Timed(len(values), _count(check), seconds, cpu, db)

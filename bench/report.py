@@ -42,6 +42,9 @@ def timed_figures(t: Timed) -> dict[str, Any]:
             "db_cpu_us_per_record": _per_record(t.db_cpu_s, t.records)}
 
 
+_YARDSTICKS = ("reference", "ceiling", "reference_psycopg2")
+
+
 def medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per sink variant and yardstick, the median of each figure over the runs, and the ratios
     of the sink's median records/s to the yardsticks' medians."""
@@ -49,13 +52,13 @@ def medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     labels = list(runs[0]["sinks"]) if runs else []
     for label in labels:
         out["sinks"][label] = median_figures([r["sinks"][label] for r in runs])
-    for method in ("reference", "ceiling"):
+    for method in _YARDSTICKS:
         rows = [r[method] for r in runs if method in r]
         if rows:
             out[method] = median_figures(rows)
     ratios: dict[str, dict[str, float]] = {}
     for label, figures in out["sinks"].items():
-        for method in ("reference", "ceiling"):
+        for method in _YARDSTICKS:
             base = out.get(method, {}).get("records_per_s", 0)
             if base:
                 ratios.setdefault(label, {})[f"vs_{method}"] = round(figures["records_per_s"] / base, 2)
@@ -86,6 +89,8 @@ def table(summary: Mapping[str, Any], runs: int) -> str:
         rows.append(("reference: 100 rows/commit", summary["reference"], {}))
     if summary.get("ceiling"):
         rows.append(("ceiling: binary COPY", summary["ceiling"], {}))
+    if summary.get("reference_psycopg2"):
+        rows.append(("reference, psycopg 2 itself", summary["reference_psycopg2"], {}))
     for name, f, ratio in rows:
         lines.append(
             f"{name:30}{f['records_per_s']:>10,.0f}"
@@ -97,6 +102,10 @@ def table(summary: Mapping[str, Any], runs: int) -> str:
     lines.append(f"(medians of {runs} run{'s' if runs != 1 else ''}; records/s = input records / wall time, "
                  "sink timed from partition assignment to the last offset commit; CPU s = the client process, "
                  "DB CPU s = its PostgreSQL backend, Kafka CPU s = the broker while the sink drains)")
+    for label, ratio in summary.get("ratios", {}).items():
+        if "vs_reference_psycopg2" in ratio:
+            lines.append(f"{label} vs the reference design run with psycopg 2's execute_batch itself: "
+                         f"{ratio['vs_reference_psycopg2']:.2f}x")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from bench.data import PARTITIONS, Dataset, make_dataset, preload
 from bench.latency import measure_latency
 from bench.profile import summarize
-from bench.references import ceiling, fresh_table, reference
+from bench.references import ceiling, fresh_table, reference, reference_psycopg2
 from bench.report import machine, median_figures, medians, sink_figures, table, timed_figures
 from bench.sinkrun import drain
 from bench.verify import verify
@@ -70,7 +70,7 @@ def parse_variant(spec: str, base: dict[str, str]) -> Variant:
 
 def throughput(*, count: int, repeat: int, variants: Sequence[Variant], references: bool, logdir: Path,
                profile: Path | None = None, pyspy: Path | None = None, keep: bool = False,
-               outage: float = 0.0) -> dict[str, Any]:
+               outage: float = 0.0, psycopg2_reference: bool = False) -> dict[str, Any]:
     """Pre-load one topic, then per run: each sink variant from a fresh group into a fresh schema
     (verified), then the COPY ceiling and the reference design into fresh copies of the table.
     Variants take turns within a run, so that the machine's changing load hits them alike."""
@@ -123,6 +123,12 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
                 testkit.drop_schema(ref_schema)
                 _log(f"run {i + 1}/{repeat} ceiling: {run['ceiling']['records_per_s']:,} records/s, "
                      f"reference: {run['reference']['records_per_s']:,} records/s")
+            if psycopg2_reference:
+                ref_schema = fresh_table(template)
+                run["reference_psycopg2"] = timed_figures(reference_psycopg2(ref_schema, data.values))
+                testkit.drop_schema(ref_schema)
+                _log(f"run {i + 1}/{repeat} reference, psycopg 2 execute_batch: "
+                     f"{run['reference_psycopg2']['records_per_s']:,} records/s")
             runs.append(run)
     finally:
         if not keep:
@@ -174,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="sink env var for every run, e.g. --set BATCH_SIZE=10000 (default: the sink's defaults)")
     ap.add_argument("--no-references", action="store_true", help="measure the sink only")
+    ap.add_argument("--psycopg2-reference", action="store_true",
+                    help="also run the reference design with psycopg 2's execute_batch itself (pip install "
+                         "psycopg2-binary; not a dependency): a calibration of the psycopg 3 port")
     ap.add_argument("--profile", type=Path, help="run the sink under pyinstrument (pip install pyinstrument); "
                                                  "report to this file (.html or text)")
     ap.add_argument("--py-spy", type=Path, dest="pyspy",
@@ -230,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = throughput(count=args.records or (QUICK_RECORDS if quick else DEFAULT_RECORDS),
                             repeat=args.repeat or (1 if quick else 3), variants=variants,
                             references=not args.no_references, logdir=args.logdir, profile=args.profile,
-                            pyspy=args.pyspy, keep=args.keep, outage=args.db_outage)
+                            pyspy=args.pyspy, keep=args.keep, outage=args.db_outage,
+                            psycopg2_reference=args.psycopg2_reference)
         ds = result["dataset"]
         print(f"{ds['records']:,} records ({ds['invalid']:,} invalid, {ds['distinct_rows']:,} distinct rows, "
               f"{ds['devices']:,} devices, {ds['partitions']} partitions)")

@@ -1,0 +1,28 @@
+"""The benchmark's summary arithmetic (pure: no Kafka, no database)."""
+
+from __future__ import annotations
+
+from bench.report import medians, table
+
+
+def _run(sink: int, ref: int, ceiling: int, pg2: int | None = None) -> dict[str, object]:
+    run: dict[str, object] = {"sinks": {"sink": {"records_per_s": sink}}, "reference": {"records_per_s": ref},
+                              "ceiling": {"records_per_s": ceiling}}
+    if pg2 is not None:
+        run["reference_psycopg2"] = {"records_per_s": pg2}
+    return run
+
+
+def test_ratios_are_of_the_medians() -> None:
+    m = medians([_run(60_000, 20_000, 100_000), _run(30_000, 25_000, 50_000), _run(45_000, 15_000, 90_000)])
+    assert m["sinks"]["sink"]["records_per_s"] == 45_000
+    assert m["ratios"]["sink"] == {"vs_reference": 2.25, "vs_ceiling": 0.5}
+    assert "reference_psycopg2" not in m
+
+
+def test_the_psycopg2_calibration_gets_its_own_ratio_and_line() -> None:
+    m = medians([_run(60_000, 20_000, 100_000, 10_000), _run(50_000, 20_000, 100_000, 12_000)])
+    assert m["ratios"]["sink"]["vs_reference_psycopg2"] == 5.0  # 55,000 / 11,000
+    text = table(m, 2)
+    assert "reference, psycopg 2 itself" in text
+    assert "execute_batch itself: 5.00x" in text
