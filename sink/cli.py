@@ -141,6 +141,7 @@ def run(settings: Settings) -> int:
         committer = TransactionalCommitter(settings, source, settings.dlq_topic)
     else:
         committer = PlainCommitter(settings, source, settings.dlq_topic)
+    _startup_retry("init_transactions", committer.prepare, stop_requested)
     breaker = DlqBreaker(DlqBreakerPolicy(enabled=settings.dlq_breaker_enabled, ratio=settings.dlq_breaker_ratio,
                                           window=settings.dlq_breaker_window,
                                           consecutive=settings.dlq_breaker_consecutive))

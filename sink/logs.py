@@ -35,6 +35,8 @@ EVENTS: dict[str, str] = {
     "consumer_resumed": "consumption resumed",
     "kafka_error": "a non-fatal error reported by librdkafka",
     "dlq_topic_created": "the DLQ topic did not exist and was created",
+    "kafka_transactions_ready": "the transactional DLQ/offset producer is registered with the broker (at startup, "
+                                "before consuming; carries its `transactional_id`)",
     # the data path
     "batch_written": "a batch committed to the database (rows, inserted, duplicates, offsets)",
     "batch_committed": "offsets of a batch committed to Kafka, after rows and DLQ records",
@@ -83,6 +85,7 @@ FIELDS: dict[str, str] = {
     "attempt": "retry attempt number",
     "delay_s": "seconds until the next attempt",
     "cause": "what is being retried (db_write, dlq_publish, commit, ...)",
+    "transactional_id": "transactional.id of the DLQ/offset producer (`KAFKA_TRANSACTIONAL_ID`)",
 }
 
 LogFormat = Literal["json", "console"]
