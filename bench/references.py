@@ -94,26 +94,34 @@ def reference(schema: str, values: Sequence[bytes], page_size: int = 100) -> Tim
     insert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
         sql.Identifier(TABLE), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
         sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)))
-    validate = IotMeasurement.model_validate_json
     with testkit.connect(schema, autocommit=False) as conn:
 
         def work() -> None:
-            page: list[Row] = []
             with conn.cursor() as cur:
-                for value in values:
-                    try:
-                        page.append(as_row(validate(value)))
-                    except ValidationError:
-                        continue  # the reference design logs and skips
-                    if len(page) == page_size:
-                        cur.executemany(insert, page)
-                        conn.commit()
-                        page = []
-                if page:
+
+                def write(page: list[Row]) -> None:
                     cur.executemany(insert, page)
                     conn.commit()
 
+                _validate_in_pages(values, page_size, write)
+
         return _timed(conn, len(values), work)
+
+
+def _validate_in_pages(values: Sequence[bytes], page_size: int, write: Callable[[list[Row]], None]) -> None:
+    """The reference design's loop: validate each message on its own, hand on full pages."""
+    validate = IotMeasurement.model_validate_json
+    page: list[Row] = []
+    for value in values:
+        try:
+            page.append(as_row(validate(value)))
+        except ValidationError:
+            continue  # the reference design logs and skips
+        if len(page) == page_size:
+            write(page)
+            page = []
+    if page:
+        write(page)
 
 
 def reference_psycopg2(schema: str, values: Sequence[bytes], page_size: int = 100) -> Timed:
@@ -129,25 +137,17 @@ def reference_psycopg2(schema: str, values: Sequence[bytes], page_size: int = 10
                          "(or put it on PYTHONPATH); it is not a dependency of the project") from e
     insert = "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
         TABLE, ", ".join(COLUMNS), ", ".join(["%s"] * len(COLUMNS)))
-    validate = IotMeasurement.model_validate_json
     conn = pg2.connect(services.conninfo() + f" options='-c search_path={schema},public'")
     try:
         backend = conn.get_backend_pid()
         db0, cpu0, t0 = cpu_seconds(backend) or 0.0, time.process_time(), time.perf_counter()
-        page: list[Row] = []
         with conn.cursor() as cur:
-            for value in values:
-                try:
-                    page.append(as_row(validate(value)))
-                except ValidationError:
-                    continue
-                if len(page) == page_size:
-                    extras.execute_batch(cur, insert, page, page_size=page_size)
-                    conn.commit()
-                    page = []
-            if page:
+
+            def write(page: list[Row]) -> None:
                 extras.execute_batch(cur, insert, page, page_size=page_size)
                 conn.commit()
+
+            _validate_in_pages(values, page_size, write)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         db = (cpu_seconds(backend) or db0) - db0
     finally:
