@@ -49,8 +49,10 @@ class DlqBreaker:
             if outcomes:
                 self._recent.extend(outcomes)
                 self._bad_in_window = sum(self._recent)
-                good_at = len(outcomes) - 1 - outcomes[::-1].index(False) if bad < len(outcomes) else -1
-                self._streak = len(outcomes) - 1 - good_at + (self._streak if good_at < 0 else 0)
+                if bad < len(outcomes):  # the streak is the rejects after the batch's last good record
+                    self._streak = outcomes[::-1].index(False)
+                else:  # all rejects: the streak goes on
+                    self._streak += len(outcomes)
             return self.tripped_reason
         for is_bad in outcomes:
             if len(self._recent) == self._recent.maxlen and self._recent[0]:
