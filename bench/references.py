@@ -22,6 +22,10 @@ from sink.model import COLUMNS, IotMeasurement, Row, as_row
 
 TABLE = "iot_measurements"
 _TYPES = ["timestamptz", "varchar", "varchar", "varchar", "varchar", "float8", "varchar", "varchar"]
+# The reference design's statement (psycopg 2 runs its text: `_INSERT.as_string()`).
+_INSERT = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+    sql.Identifier(TABLE), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+    sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)))
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,17 @@ def fresh_table(template_schema: str) -> str:
 
 
 def _timed(conn: psycopg.Connection[Any], records: int, work: Callable[[], None]) -> Timed:
-    """Run `work` on the connection; wall time, client CPU and the backend's CPU around it."""
-    backend = conn.info.backend_pid
+    """Run `work` on the connection, clocked; then count the rows it wrote."""
+    seconds, cpu, db = _clocked(conn.info.backend_pid, work)
+    return Timed(records, _count(conn), seconds, cpu, db)
+
+
+def _clocked(backend: int, work: Callable[[], None]) -> tuple[float, float, float]:
+    """Wall time, client CPU and the CPU of PostgreSQL backend `backend` around `work`."""
     db0, cpu0, t0 = cpu_seconds(backend) or 0.0, time.process_time(), time.perf_counter()
     work()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    db = (cpu_seconds(backend) or db0) - db0
-    return Timed(records, _count(conn), seconds, cpu, db)
+    return seconds, cpu, (cpu_seconds(backend) or db0) - db0
 
 
 def _count(conn: psycopg.Connection[Any]) -> int:
@@ -91,16 +99,13 @@ def reference(schema: str, values: Sequence[bytes], page_size: int = 100) -> Tim
     `page_size` rows (psycopg 2's execute_batch, ported to psycopg 3's executemany, which sends
     the page in one pipeline) and a commit per page.  ON CONFLICT DO NOTHING so that repeated
     messages do not abort the page."""
-    insert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
-        sql.Identifier(TABLE), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-        sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)))
     with testkit.connect(schema, autocommit=False) as conn:
 
         def work() -> None:
             with conn.cursor() as cur:
 
                 def write(page: list[Row]) -> None:
-                    cur.executemany(insert, page)
+                    cur.executemany(_INSERT, page)
                     conn.commit()
 
                 _validate_in_pages(values, page_size, write)
@@ -135,21 +140,16 @@ def reference_psycopg2(schema: str, values: Sequence[bytes], page_size: int = 10
     except ImportError as e:
         raise SystemExit("--psycopg2-reference needs psycopg 2: .venv/bin/pip install psycopg2-binary "
                          "(or put it on PYTHONPATH); it is not a dependency of the project") from e
-    insert = "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
-        TABLE, ", ".join(COLUMNS), ", ".join(["%s"] * len(COLUMNS)))
+    insert = _INSERT.as_string()
     conn = pg2.connect(services.conninfo() + f" options='-c search_path={schema},public'")
     try:
-        backend = conn.get_backend_pid()
-        db0, cpu0, t0 = cpu_seconds(backend) or 0.0, time.process_time(), time.perf_counter()
         with conn.cursor() as cur:
 
             def write(page: list[Row]) -> None:
                 extras.execute_batch(cur, insert, page, page_size=page_size)
                 conn.commit()
 
-            _validate_in_pages(values, page_size, write)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        db = (cpu_seconds(backend) or db0) - db0
+            seconds, cpu, db = _clocked(conn.get_backend_pid(), lambda: _validate_in_pages(values, page_size, write))
     finally:
         conn.close()
     with testkit.connect(schema) as check:
