@@ -27,6 +27,9 @@ def sink_figures(d: Drain) -> dict[str, Any]:
         "broker_cpu_s": round(d.broker_cpu_s, 2),
         "incidents": d.incidents,
         **({"outage_rss_mib": round(d.outage_rss_kib / 1024, 1)} if d.outage_rss_kib else {}),
+        # The share of the drain in which the database ran one of the sink's INSERTs (one at a
+        # time): near 1, the sink waits on the database's insert and nothing client-side helps.
+        **({"insert_busy": round(d.insert_ms / 1000 / d.seconds, 3)} if d.insert_ms is not None and d.seconds else {}),
     }
 
 
@@ -80,7 +83,7 @@ def table(summary: Mapping[str, Any], runs: int) -> str:
     """The one table: the sink end to end, the reference design, the COPY ceiling, and the ratios
     of the sink to each (one sink row per variant)."""
     lines = [f"{'':30}{'records/s':>10}{'rows/s':>9}{'write p50':>11}{'write p99':>11}{'peak RSS':>10}"
-             f"{'CPU s':>7}{'DB CPU s':>9}{'Kafka CPU s':>12}{'vs ref':>8}{'vs ceiling':>11}"]
+             f"{'CPU s':>7}{'DB CPU s':>9}{'Kafka CPU s':>12}{'INSERT busy':>12}{'vs ref':>8}{'vs ceiling':>11}"]
     rows: list[tuple[str, Mapping[str, Any], Mapping[str, float]]] = []
     for label, f in summary.get("sinks", {}).items():
         name = "sink, end to end" if label == "sink" else f"sink {label}"
@@ -98,10 +101,12 @@ def table(summary: Mapping[str, Any], runs: int) -> str:
             f"{_opt(f.get('write_p50_ms'), '{:.1f} ms'):>11}{_opt(f.get('write_p99_ms'), '{:.1f} ms'):>11}"
             f"{_opt(f.get('peak_rss_mib'), '{:.0f} MiB'):>10}{_opt(f.get('cpu_s'), '{:.1f}'):>7}"
             f"{_opt(f.get('db_cpu_s'), '{:.1f}'):>9}{_opt(f.get('broker_cpu_s'), '{:.1f}'):>12}"
+            f"{_opt(f.get('insert_busy'), '{:.0%}'):>12}"
             f"{_opt(ratio.get('vs_reference'), '{:.2f}x'):>8}{_opt(ratio.get('vs_ceiling'), '{:.2f}x'):>11}")
     lines.append(f"(medians of {runs} run{'s' if runs != 1 else ''}; records/s = input records / wall time, "
                  "sink timed from partition assignment to the last offset commit; CPU s = the client process, "
-                 "DB CPU s = its PostgreSQL backend, Kafka CPU s = the broker while the sink drains)")
+                 "DB CPU s = its PostgreSQL backends, Kafka CPU s = the broker while the sink drains, "
+                 "INSERT busy = share of the drain in which the database ran one of the sink's INSERTs)")
     for label, ratio in summary.get("ratios", {}).items():
         if "vs_reference_psycopg2" in ratio:
             lines.append(f"{label} vs the reference design run with psycopg 2's execute_batch itself: "

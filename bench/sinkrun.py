@@ -152,6 +152,7 @@ class Drain:
     broker_cpu_s: float  # CPU seconds of the Kafka broker (dev/services.py's) while draining
     incidents: dict[str, int]  # retries, broker errors, ... while draining: the run was disturbed
     outage_rss_kib: int = 0  # highest sampled RSS while the database was stopped (--db-outage)
+    insert_ms: float | None = None  # the batches' INSERT statements, summed (None: a sink that does not log it)
 
     @property
     def records_per_s(self) -> float:
@@ -230,7 +231,9 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
                        cpu_s=sampler.cpu_between(start, end), cpu_total_s=cpu_total,
                        db_cpu_s=sum(s.cpu_between(start, end) for s in db),
                        broker_cpu_s=broker.cpu_between(start, end) if broker is not None else 0.0,
-                       incidents=incidents(tail.events, start, end), outage_rss_kib=outage_rss)
+                       incidents=incidents(tail.events, start, end), outage_rss_kib=outage_rss,
+                       insert_ms=(sum(float(e["insert_ms"]) for e in written)
+                                  if all("insert_ms" in e for e in written) else None))
         code = sink.stop(60)
         if spy is not None:
             spy.finish()

@@ -82,6 +82,7 @@ FIELDS: dict[str, str] = {
     "stage": "decode, validate or write",
     "reason": "human-readable error message",
     "latency_ms": "duration in milliseconds",
+    "insert_ms": "of a batch's write, the milliseconds in its INSERT statement (the database's work)",
     "attempt": "retry attempt number",
     "delay_s": "seconds until the next attempt",
     "cause": "what is being retried (db_write, dlq_publish, commit, ...)",

@@ -404,12 +404,13 @@ class Pipeline:
         self.health.db_ok = True
         self.metrics.db_connected.set(1)
         inserted = sum(r.inserted for _, _, r in iso.written)
+        insert_s = sum(r.insert_s for _, _, r in iso.written)
         dup_sources = [sources[start + i] for start, _, r in iso.written for i in r.duplicate_indexes]
         rejections = [Rejection(sources[i], "write", e.error_class, e.message, e.sqlstate) for i, e in iso.poison]
         if iso.poison:
             log.warning("poison_isolated", topic=self.cfg.topic, batch_id=batch.batch_id, rows=len(rows),
                         dlq=len(iso.poison), writes=iso.writes)
-        return _Written(WriteResult(inserted, len(dup_sources)), rejections, dup_sources)
+        return _Written(WriteResult(inserted, len(dup_sources), insert_s=insert_s), rejections, dup_sources)
 
     def _commit(self, pending: list[tuple[Batch, list[Rejection]]]) -> None:
         envelopes: list[DlqRecord] = []
@@ -513,6 +514,7 @@ class Pipeline:
         self.metrics.batches.inc()
         self.metrics.batch_rows.observe(len(batch))
         self.metrics.write_seconds.observe(write_s)
+        self.metrics.insert_seconds.inc(r.insert_s)
         self.metrics.inserted.inc(r.inserted)
         self.metrics.duplicates.inc(r.duplicates)
         extra: dict[str, Any] = {}
@@ -523,7 +525,7 @@ class Pipeline:
             extra["duplicate_offsets"] = dup
         log.info("batch_written", topic=self.cfg.topic, batch_id=batch.batch_id, offsets=_offset_ranges(batch),
                  rows=len(batch), inserted=r.inserted, duplicates=r.duplicates, dlq=dlq,
-                 latency_ms=round(write_s * 1000, 1), **extra)
+                 latency_ms=round(write_s * 1000, 1), insert_ms=round(r.insert_s * 1000, 1), **extra)
 
     def _log_rejected(self, rej: Rejection) -> None:
         rec = rej.record

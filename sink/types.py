@@ -41,3 +41,6 @@ class WriteResult:
     inserted: int
     duplicates: int
     duplicate_indexes: tuple[int, ...] = field(default=())
+    # Seconds in the INSERT statement (the database's work and its result): the rest of a write
+    # is the client's (COPY into the stage, waiting for the previous batch, commit).
+    insert_s: float = 0.0

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from operator import itemgetter
 from typing import Any
 
@@ -170,7 +172,9 @@ class PgWriter:
                         copy.write_row((*row, i))
                 if before_insert is not None:
                     before_insert()
+                t0 = time.perf_counter()
                 cur.execute(self._insert_sql, binary=True)
+                insert_s = time.perf_counter() - t0
                 if after_insert is not None:
                     after_insert()
                 returned = cur.fetchall()
@@ -179,7 +183,7 @@ class PgWriter:
             err = classify_db_error(e)
             self._after_failure(conn)
             raise err from e
-        return classify_duplicates(rows, returned, self._pk_index)
+        return replace(classify_duplicates(rows, returned, self._pk_index), insert_s=insert_s)
 
     def _after_failure(self, conn: psycopg.Connection[Any]) -> None:
         if conn.closed or conn.broken:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.report import medians, table
+from bench.report import medians, sink_figures, table
+from bench.sinkrun import Drain
 
 
 def _run(sink: int, ref: int, ceiling: int, pg2: int | None = None) -> dict[str, object]:
@@ -26,3 +27,20 @@ def test_the_psycopg2_calibration_gets_its_own_ratio_and_line() -> None:
     text = table(m, 2)
     assert "reference, psycopg 2 itself" in text
     assert "execute_batch itself: 5.00x" in text
+
+
+def _drain(insert_ms: float | None) -> Drain:
+    return Drain(records=200_000, seconds=4.0, batches=80, write_ms=[100.0], commit_ms=[10.0], peak_rss_kib=1024,
+                 drain_rss_kib=1024, cpu_s=2.0, cpu_total_s=3.0, db_cpu_s=3.0, broker_cpu_s=0.3, incidents={},
+                 insert_ms=insert_ms)
+
+
+def test_insert_busy_is_the_inserts_share_of_the_drain_and_absent_when_not_logged() -> None:
+    busy = sink_figures(_drain(3_500.0))
+    assert busy["insert_busy"] == 0.875
+    old = sink_figures(_drain(None))  # a variant whose sink does not log insert_ms
+    assert "insert_busy" not in old
+    text = table(medians([{"sinks": {"sink": busy, "old": old}}]), 1)
+    lines = text.splitlines()
+    assert "88%" in next(ln for ln in lines if ln.startswith("sink, end to end"))
+    assert "%" not in next(ln for ln in lines if ln.startswith("sink old"))

@@ -82,6 +82,7 @@ class TableWriter:
         self.events = events
         self.fail_next = 0  # raise RetryableError this many times
         self.poison: Callable[[Row], bool] = lambda row: False
+        self.insert_s = 0.0  # what each write says its INSERT took
         self.writes = 0
 
     @property
@@ -110,7 +111,7 @@ class TableWriter:
         self.events.append(f"write:{len(rows)}")
         if after_insert is not None:
             after_insert()
-        return WriteResult(len(rows) - len(dups), len(dups), tuple(dups))
+        return WriteResult(len(rows) - len(dups), len(dups), tuple(dups), insert_s=self.insert_s)
 
 
 class RecordingCommitter:
@@ -311,6 +312,18 @@ def test_duplicates_are_counted_not_rewritten() -> None:
     assert len(writer.rows) == 2
     assert p.metrics.duplicates._value.get() == 1
     assert p.metrics.inserted._value.get() == 2
+
+
+def test_insert_seconds_add_up_every_write_that_went_in_bisection_included() -> None:
+    records = [rec(0, i, good(i)) for i in range(10)]
+    p, _, writer, committer, _, _ = make(records)
+    writer.poison = lambda row: row[5] == 7.0
+    writer.insert_s = 0.125
+    run_until(p, lambda: bool(committer.offsets))
+    # The writes that went in (the failed ones, which raise, count nothing): the 9 good rows in pieces.
+    went_in = [int(e.split(":")[1]) for e in writer.events if e.startswith("write:")]
+    assert sum(went_in) == 9 and len(went_in) > 1
+    assert p.metrics.insert_seconds._value.get() == 0.125 * len(went_in)
 
 
 def committing_only_written_rows(committer: RecordingCommitter, writer: TableWriter) -> list[int]:

@@ -84,6 +84,8 @@ def test_same_messages_again_insert_nothing_new(sinks: Any, schema: str, topic: 
     written = [e for s in (sink, second) for e in s.events() if e["event"] == "batch_written"]
     assert sum(e["inserted"] for e in written) == 300
     assert sum(e["duplicates"] for e in written) == 900
+    # Each batch's INSERT is a part of its write.
+    assert all(0 <= e["insert_ms"] <= e["latency_ms"] for e in written) and sum(e["insert_ms"] for e in written) > 0
 
 
 BAD = {

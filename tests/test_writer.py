@@ -4,6 +4,7 @@ duplicates, when the batch repeats keys of its own and of earlier batches."""
 from __future__ import annotations
 
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,7 +55,10 @@ def test_duplicates_are_the_rows_whose_key_existed_or_came_earlier_in_the_batch(
             else:
                 existing.add(k)
                 first_value[k] = r[5]
+        t0 = time.perf_counter()
         result = w.write(rows)
+        elapsed = time.perf_counter() - t0
+        assert 0 < result.insert_s < elapsed  # the INSERT's part of the write
         assert result.duplicate_indexes == tuple(expected)
         assert (result.inserted, result.duplicates) == (len(rows) - len(expected), len(expected))
     w.close()
