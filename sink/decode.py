@@ -148,15 +148,15 @@ def _finish(value: bytes, d: dict[str, Any]) -> Row | None:
 def decode(record: SourceRecord) -> Row | Rejection:
     """Validate one record: the fast path, else the model (pydantic's Rust JSON parser either way)."""
     value = record.value
+    row = fast_row(value) if value else None
+    return row if row is not None else _by_model(record)
+
+
+def _by_model(record: SourceRecord) -> Row | Rejection:
+    """The model's verdict, for every record the fast path did not take (empty ones included)."""
+    value = record.value
     if not value:
         return Rejection(record, "decode", "EmptyValue", "empty value or tombstone")
-    row = fast_row(value)
-    if row is not None:
-        return row
-    return _by_model(record, value)
-
-
-def _by_model(record: SourceRecord, value: bytes) -> Row | Rejection:
     try:
         return as_row(_validate_json(value))  # type: ignore[no-any-return]
     except ValidationError as e:
@@ -171,12 +171,10 @@ def decode_many(records: Sequence[SourceRecord]) -> list[Row | Rejection]:
     out: list[Row | Rejection] = []
     append = out.append
     for rec, d in zip(records, _validate_wires([rec.value for rec in records]), strict=True):
-        if type(d) is dict:  # it passed _Wire; anything else is the input itself, handed back
-            value: Any = rec.value  # bytes: it parsed as JSON
-            row = _finish(value, d)
-            append(row if row is not None else _by_model(rec, value))
-        else:
-            append(decode(rec))  # empty, or not _Wire's: decode's own path (the model, for the rest)
+        # A dict passed _Wire; anything else (empty, or not _Wire's) is the input itself, handed
+        # back, and goes straight to the model: parsing it as _Wire again would fail again.
+        row = _finish(rec.value, d) if type(d) is dict else None  # type: ignore[arg-type]  # bytes: it parsed
+        append(row if row is not None else _by_model(rec))
     return out
 
 
