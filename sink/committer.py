@@ -12,15 +12,18 @@ Both raise RetryableError for what a retry can fix and FatalError for what it ca
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from sink.envelope import DlqRecord
+from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord
 from sink.errors import FatalError, RetryableError, classify_kafka_error
 from sink.logs import get_logger
 from sink.produce import produce_waiting
@@ -81,6 +84,9 @@ class TransactionalCommitter:
         self._timeout = timeout
         self._producer: Producer | None = None
         self._in_txn = False
+        # What the transaction whose commit_transaction() timed out holds, while librdkafka
+        # goes on committing it in the background (see _commit).
+        self._unfinished: _Work | None = None
 
     def prepare(self) -> None:
         """Register the transactional producer with the broker (init_transactions) now, at
@@ -116,13 +122,23 @@ class TransactionalCommitter:
     def _drop_producer(self) -> None:
         self._producer = None
         self._in_txn = False
+        self._unfinished = None
 
     def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
         """One transaction: produce the DLQ records, add the offsets, commit."""
         if not dlq and not offsets:
             return
         p = self._ensure_producer()
+        work = _Work.of(dlq, offsets)
         try:
+            if self._unfinished is not None:
+                # The last commit_transaction() timed out.  librdkafka goes on committing that
+                # transaction and refuses every other transactional call (_CONFLICT) until
+                # commit_transaction() is called again: finish it first.
+                unfinished, self._unfinished = self._unfinished, None
+                self._commit(p, unfinished)
+                if work.within(unfinished):
+                    return  # this retry's DLQ records and offsets are in it: committed, once
             if self._in_txn:
                 p.abort_transaction(self._timeout)
                 self._in_txn = False
@@ -133,7 +149,7 @@ class TransactionalCommitter:
             if offsets:
                 tps = [TopicPartition(t, part, o) for (t, part), o in offsets.items()]
                 p.send_offsets_to_transaction(tps, self._source.group_metadata(), self._timeout)
-            self._commit(p)
+            self._commit(p, work)
         except KafkaException as e:
             err = _kafka_error(e)
             if err is not None and err.txn_requires_abort():
@@ -143,7 +159,7 @@ class TransactionalCommitter:
     def _produce(self, p: Producer, rec: DlqRecord) -> None:
         produce_waiting(p, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers))
 
-    def _commit(self, p: Producer) -> None:
+    def _commit(self, p: Producer, work: _Work) -> None:
         # A retriable commit error leaves the transaction committing: commit again, never abort.
         for _ in range(3):
             try:
@@ -154,6 +170,7 @@ class TransactionalCommitter:
                 err = _kafka_error(e)
                 if err is None or not err.retriable() or err.txn_requires_abort() or err.fatal():
                     raise
+        self._unfinished = work  # the next complete() (or close()) resumes this commit
         raise RetryableError("dlq_commit", "commit_transaction kept timing out")
 
     def _abort(self, p: Producer) -> None:
@@ -164,11 +181,40 @@ class TransactionalCommitter:
             self._drop_producer()
 
     def close(self) -> None:
-        if self._producer is not None:
-            if self._in_txn:
-                self._abort(self._producer)
-            self._producer.flush(5)
-            self._producer = None
+        p = self._producer
+        if p is None:
+            return
+        if self._unfinished is not None:
+            # Only commit_transaction() may be called now; whatever it ends in, the offsets
+            # the pipeline saw fail are re-read and absorbed by ON CONFLICT on the next start.
+            with contextlib.suppress(KafkaException):
+                p.commit_transaction(self._timeout)
+                self._in_txn = False
+        elif self._in_txn:
+            self._abort(p)
+        p.flush(5)
+        self._drop_producer()
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """What one transaction holds: its offsets and its DLQ records, told apart by the origin
+    they carry (their failed_at header differs between retries of the same batch)."""
+
+    offsets: frozenset[tuple[TP, int]]
+    dlq: Counter[tuple[bytes | None, bytes | None, tuple[tuple[str, bytes | None], ...]]]
+
+    @classmethod
+    def of(cls, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> _Work:
+        return cls(frozenset(offsets.items()),
+                   Counter((r.key, r.value, tuple(h for h in r.headers if h[0] in _ORIGIN)) for r in dlq))
+
+    def within(self, other: _Work) -> bool:
+        """Everything of this is in `other` (the same batches, or fewer after a revoke)."""
+        return self.offsets <= other.offsets and self.dlq <= other.dlq
+
+
+_ORIGIN = frozenset({H_TOPIC, H_PARTITION, H_OFFSET})
 
 
 _FENCED = frozenset({KafkaError._FENCED, getattr(KafkaError, "PRODUCER_FENCED", -1),

@@ -1,9 +1,14 @@
 """The Kafka side of a batch against the real local broker: the transactional producer is
-registered at startup, and a broker that cannot be reached is a retryable error, not a hang."""
+registered at startup, a broker that cannot be reached is a retryable error, not a hang, and a
+commit that timed out is resumed on the retry, not aborted."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +16,7 @@ import pytest
 
 from dev import services, testkit
 from sink.committer import TransactionalCommitter
-from sink.envelope import DlqRecord
+from sink.envelope import H_FAILED_AT, H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord
 from sink.errors import RetryableError
 from sink.settings import Settings
 
@@ -71,3 +76,51 @@ def test_the_sink_registers_its_producer_before_it_consumes(schema: str, topic: 
     assert [e["transactional_id"] for e in ready] == [f"{group}-tx"]  # once, with the configured id
     assert events.index("kafka_transactions_ready") < events.index("partitions_assigned")
     assert [r.value for r in testkit.read_all(f"{topic}.dlq")] == [b"not json"]
+
+
+def _dlq_record(failed_at: bytes) -> DlqRecord:
+    """One rejected input record as a batch's retry envelopes it again: same origin, new failed_at."""
+    return DlqRecord(b"k", b"not json", ((H_TOPIC, b"in"), (H_PARTITION, b"0"), (H_OFFSET, b"7"),
+                                         (H_FAILED_AT, failed_at)))
+
+
+@contextmanager
+def _broker_frozen() -> Iterator[None]:
+    """SIGSTOP the broker: requests go unanswered (a coordinator that does not reply in time)."""
+    pid = services.kafka_pid()
+    assert pid is not None, "the local broker is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_commit_that_timed_out_is_resumed_and_the_batch_is_committed_once(infra: None, topic: str) -> None:
+    # librdkafka keeps committing a transaction whose commit_transaction() timed out and refuses
+    # any other transactional call (_CONFLICT) until commit_transaction() is called again: an
+    # abort on the retry would fail for ever, with consumption paused.
+    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
+                                       f"{topic}.dlq", timeout=1.0)
+    try:
+        committer.prepare()
+        with _broker_frozen(), pytest.raises(RetryableError, match="timing out"):
+            committer.complete([_dlq_record(b"2026-11-28T06:00:00.001Z")], {})
+        committer.complete([_dlq_record(b"2026-11-28T06:00:05.001Z")], {})  # the pipeline's retry
+        committer.complete([DlqRecord(b"k2", b"next batch", ())], {})  # and the producer goes on
+    finally:
+        committer.close()
+    got = testkit.read_all(f"{topic}.dlq")
+    assert sorted((r.key, r.value) for r in got) == [(b"k", b"not json"), (b"k2", b"next batch")]
+    first = next(r for r in got if r.key == b"k")
+    assert first.headers[H_FAILED_AT] == b"2026-11-28T06:00:00.001Z"  # the first attempt's, once
+
+
+def test_close_after_a_commit_timed_out_does_not_raise(infra: None, topic: str) -> None:
+    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
+                                       f"{topic}.dlq", timeout=1.0)
+    committer.prepare()
+    with _broker_frozen():
+        with pytest.raises(RetryableError):
+            committer.complete([_dlq_record(b"2026-11-28T06:00:00.001Z")], {})
+        committer.close()  # shutdown while the broker still does not answer
