@@ -16,7 +16,7 @@ from typing import Any, TextIO, cast
 from dlq.filters import STAGES, ReplayFilter, build_filter
 from dlq.replay import OnFailure, ReplayOptions
 from sink import __version__
-from sink.errors import FatalError
+from sink.errors import FatalError, RetryableError
 from sink.logs import configure_logging, get_logger
 from sink.settings import ConfigError, Settings, load_settings
 
@@ -27,8 +27,8 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 EPILOG = """\
 environment: the sink's own variables (KAFKA_BOOTSTRAP_SERVERS, KAFKA_INPUT_TOPIC, KAFKA_DLQ_TOPIC,
 KAFKA_GROUP_ID, KAFKA_EXTRA_CONFIG, KAFKA_TRANSACTIONAL, TIMESCALE_*, LOG_FORMAT, LOG_LEVEL).
-exit codes: 0 done, 1 fatal error, 2 bad usage or configuration, 3 replay stopped on a failure
-(--on-failure stop), 130 interrupted.  See docs/dlq.md.
+exit codes: 0 done, 1 fatal error or Kafka/PostgreSQL unavailable, 2 bad usage or configuration,
+3 replay stopped on a failure (--on-failure stop), 130 interrupted.  See docs/dlq.md.
 """
 
 REPLAY_EPILOG = """\
@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     except FatalError as e:
         log.critical("fatal_error", reason=str(e))
         print(f"sink-dlq: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except RetryableError as e:
+        # Kafka unreachable or stalled where nothing retries it (inspect does not: the operator
+        # is better served by a prompt answer).  Exit 1 like a replay whose retries ran out.
+        log.critical("fatal_error", reason=str(e), retryable=True)
+        print(f"sink-dlq {args.command}: unavailable, try again later: {e}", file=sys.stderr)
         return EXIT_FATAL
 
 

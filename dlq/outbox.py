@@ -12,7 +12,7 @@ same group that is still running.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
@@ -131,32 +131,81 @@ class PlainOutbox:
     """KAFKA_TRANSACTIONAL=false: produce, wait for every ack, then commit the offsets.
 
     At-least-once: a crash between the acks and the commit repeats those records on the next
-    run (rows stay exactly once: ON CONFLICT DO NOTHING)."""
+    run (rows stay exactly once: ON CONFLICT DO NOTHING).  A retried complete() of the same
+    batch does not repeat the records already acknowledged."""
 
-    def __init__(self, settings: Settings, source: OffsetSource, timeout: float = 30.0) -> None:
+    def __init__(self, settings: Settings, source: OffsetSource, timeout: float = 30.0,
+                 producer: Any = None) -> None:
         self._source = source
         self._timeout = timeout
-        self._producer = Producer(producer_config(settings, transactional=False))
+        # A confluent_kafka Producer; tests pass a fake.
+        self._producer = producer if producer is not None else Producer(
+            producer_config(settings, transactional=False))
+        self._batch: _Delivery | None = None  # the batch whose complete() failed, kept for its retry
 
     def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
-        errors: list[Any] = []
-
-        def on_ack(err: Any, _msg: Any) -> None:
-            if err is not None:
-                errors.append(err)
-
-        for topic, rec in outputs:
-            _produce(self._producer, topic, rec, on_ack)
-        if outputs:
-            left = self._producer.flush(self._timeout)
-            if left:
-                raise RetryableError("replay_produce", f"{left} records not acknowledged in {self._timeout}s")
-            if errors:
-                raise classify_kafka_error(errors[0], "replay_produce")
+        """1. Produce the batch's records.  On a retry of the same batch (the replay calls again
+              with the same arguments) only those whose delivery failed or that produce() refused:
+              an acknowledged record is never produced again, and one still queued is not either
+              (librdkafka delivers it, or reports its failure and it is produced on the next retry).
+           2. Wait for every record's acknowledgement: RetryableError if one is missing or failed.
+           3. Only then commit the offsets.
+        """
+        batch = self._batch
+        if batch is None or not batch.same(outputs, offsets):
+            batch = self._batch = _Delivery(outputs, offsets)
+        # Step 1.
+        for i in batch.to_produce():
+            topic, rec = batch.outputs[i]
+            try:
+                _produce(self._producer, topic, rec, batch.on_ack(i))
+            except KafkaException as e:  # refused before queueing, e.g. larger than message.max.bytes
+                raise classify_kafka_error(_error(e), "replay_produce") from e
+            batch.mark_queued(i)
+        # Step 2.
+        if batch.outputs:
+            self._producer.flush(self._timeout)
+            if batch.queued:
+                raise RetryableError("replay_produce",
+                                     f"{len(batch.queued)} records not acknowledged in {self._timeout}s")
+            if batch.failed:
+                raise classify_kafka_error(next(iter(batch.failed.values())), "replay_produce")
+        # Step 3.
         self._source.commit(offsets)
+        self._batch = None
 
     def close(self) -> None:
         self._producer.flush(5)
+
+
+class _Delivery:
+    """One PlainOutbox batch and the delivery state of each of its records, by index."""
+
+    def __init__(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
+        self.outputs = list(outputs)
+        self.offsets = dict(offsets)
+        self.acked: set[int] = set()
+        self.queued: set[int] = set()  # produced, no delivery report yet
+        self.failed: dict[int, Any] = {}  # the KafkaError of a failed delivery
+
+    def same(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> bool:
+        return offsets == self.offsets and list(outputs) == self.outputs
+
+    def to_produce(self) -> list[int]:
+        return [i for i in range(len(self.outputs)) if i not in self.acked and i not in self.queued]
+
+    def mark_queued(self, i: int) -> None:
+        self.queued.add(i)
+        self.failed.pop(i, None)
+
+    def on_ack(self, i: int) -> Callable[[Any, Any], None]:
+        def ack(err: Any, _msg: Any) -> None:
+            self.queued.discard(i)
+            if err is None:
+                self.acked.add(i)
+            else:
+                self.failed[i] = err
+        return ack
 
 
 def _produce(p: Producer, topic: str, rec: DlqRecord, on_ack: Any = None) -> None:

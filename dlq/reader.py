@@ -20,9 +20,12 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.logs import get_logger
 from sink.settings import Settings
 from sink.source import commit_offsets, consumer_config
 from sink.types import SourceRecord
+
+log = get_logger("dlq.reader")
 
 TP = tuple[str, int]
 _TIMEOUT = 15.0
@@ -122,6 +125,7 @@ class DlqReader:
         except KafkaException as e:
             raise classify_kafka_error(e.args[0] if e.args else None, "dlq_read") from e
         out: list[SourceRecord] = []
+        first_error: Any = None
         for m in msgs:
             err = m.error()
             part = m.partition()
@@ -130,7 +134,13 @@ class DlqReader:
                     # The EOF offset is the fetch position: past any transaction marker at the end.
                     self._advance(part, m.offset())
                     continue
-                raise classify_kafka_error(err, "dlq_read")
+                # An error describes a partition or the client, not a record, and moves no
+                # position.  Raising here would drop the records of this list, which librdkafka
+                # and _pos have already passed: a retried read() would never see them again, and
+                # the replay would commit past them.  So read the whole list first.
+                if first_error is None:
+                    first_error = err
+                continue
             if part in self._done or m.offset() >= self.plan[part].end:
                 self._advance(part, self.plan[part].end)
                 continue
@@ -139,6 +149,13 @@ class DlqReader:
             out.append(SourceRecord(m.topic(), part, m.offset(), m.key(), m.value(), headers,
                                     ts if ts_type else None))
             self._advance(part, m.offset() + 1)
+        if first_error is not None:
+            if not out:
+                # Nothing read: raise, so a persistent error surfaces (and is retried or fatal).
+                raise classify_kafka_error(first_error, "dlq_read")
+            # Records came with it: hand them out; if the error persists, the next read raises it.
+            log.warning("dlq_read_error", reason=str(classify_kafka_error(first_error, "dlq_read")),
+                        records=len(out))
         if not msgs and not self.done and time.monotonic() - self._last_progress > self._stall_timeout:
             left = {p: [self._pos[p], r.end] for p, r in self.plan.items() if p not in self._done}
             raise RetryableError("dlq_read", f"no progress towards the end offsets for {self._stall_timeout:.0f}s: "

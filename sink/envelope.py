@@ -117,7 +117,10 @@ def parse_headers(headers: Headers | list[tuple[str, bytes | None]] | None) -> D
     failed_at: datetime | None
     try:
         failed_at = datetime.fromisoformat(h[H_FAILED_AT].replace("Z", "+00:00"))
-    except (KeyError, ValueError):
+        # In UTC, always aware: a time without an offset (another producer) is taken as UTC,
+        # as --since/--until are; compared as it is with an aware one it raises TypeError.
+        failed_at = failed_at.replace(tzinfo=UTC) if failed_at.utcoffset() is None else failed_at.astimezone(UTC)
+    except (KeyError, ValueError, OverflowError):  # OverflowError: year 1 or 9999 off UTC
         failed_at = None
     return DlqInfo(
         topic=h.get(H_TOPIC),

@@ -57,6 +57,7 @@ EVENTS: dict[str, str] = {
     "dlq_replay_progress": "periodic replay progress (when not on a terminal)",
     "dlq_replay_finished": "audit line of a DLQ replay run (who, when, filters, counts)",
     "dlq_record_replayed": "one DLQ record processed by replay (fate)",
+    "dlq_read_error": "replay/inspect: Kafka reported an error next to records it delivered; raised if it persists",
     # demo
     "demo_produced": "the demo producer sent its records",
 }
