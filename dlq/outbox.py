@@ -22,6 +22,7 @@ from sink.envelope import DlqRecord
 from sink.errors import FatalError, RetryableError, classify_kafka_error
 from sink.produce import produce_waiting
 from sink.settings import Settings
+from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 TP = tuple[str, int]
 Output = tuple[str, DlqRecord]  # (topic, record)
@@ -49,10 +50,11 @@ class TransactionalOutbox:
     is settled by the next run's init_transactions, never guessed at here.
     """
 
-    def __init__(self, settings: Settings, source: OffsetSource, group: str, timeout: float = 30.0) -> None:
+    def __init__(self, settings: Settings, source: OffsetSource, group: str, timeout: float = 30.0,
+                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._source = source
         self._timeout = timeout
-        conf = producer_config(settings, transactional=True)
+        conf = producer_config(settings, transactional=True, dlq_max_bytes=dlq_max_bytes)
         conf["transactional.id"] = transactional_id(group)
         conf["client.id"] = f"sink-dlq-replay-{group}"
         self._producer = Producer(conf)
@@ -135,12 +137,12 @@ class PlainOutbox:
     batch does not repeat the records already acknowledged."""
 
     def __init__(self, settings: Settings, source: OffsetSource, timeout: float = 30.0,
-                 producer: Any = None) -> None:
+                 producer: Any = None, dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._source = source
         self._timeout = timeout
         # A confluent_kafka Producer; tests pass a fake.
         self._producer = producer if producer is not None else Producer(
-            producer_config(settings, transactional=False))
+            producer_config(settings, transactional=False, dlq_max_bytes=dlq_max_bytes))
         self._batch: _Delivery | None = None  # the batch whose complete() failed, kept for its retry
 
     def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:

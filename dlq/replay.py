@@ -20,10 +20,11 @@ from dlq.filters import ReplayFilter
 from dlq.reader import PartitionRange
 from sink.bisect import write_isolating_poison
 from sink.decode import decode
-from sink.envelope import DlqRecord, original_headers, parse_headers, to_dlq_record
+from sink.envelope import DlqRecord, fit_record, original_headers, parse_headers, to_dlq_record
 from sink.errors import FatalError, PoisonError, RetryableError
 from sink.logs import get_logger
 from sink.model import Row
+from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sink.types import Rejection, SourceRecord, WriteResult
 
 log = get_logger("dlq.replay")
@@ -82,6 +83,7 @@ class ReplayOptions:
     batch_size: int = 500
     max_splits: int = 64
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES  # the DLQ topic's max.message.bytes
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -150,6 +152,7 @@ class _Item:
     fate: Fate | None = None
     row: Row | None = None
     rejection: Rejection | None = None
+    dropped: str | None = None  # what the DLQ record lacks (H_DROPPED): it was too large for the DLQ
 
 
 ProgressFn = Callable[[int, Counts], None]
@@ -232,12 +235,17 @@ class Replayer:
             if left is not None and len(selected) >= left:
                 cut, self._max_cut = i, True
                 break
-            if opts.filter.matches(parse_headers(item.record.headers)):
+            info = parse_headers(item.record.headers)
+            if opts.filter.matches(info):
                 selected.append(i)
+                item.dropped = info.dropped
             else:
                 item.fate = Fate.SKIPPED
         # Step 2.
         for i in selected:
+            if items[i].dropped:
+                items[i].rejection = _without_value(items[i].record)
+                continue
             out = decode(items[i].record)
             if isinstance(out, Rejection):
                 items[i].rejection = out
@@ -317,7 +325,7 @@ class Replayer:
                 out.append((self.opts.to_topic, DlqRecord(rec.key, rec.value, original_headers(rec.headers))))
             elif item.fate is Fate.FAILED_AGAIN and to_dlq:
                 assert item.rejection is not None
-                out.append((self.opts.dlq_topic, to_dlq_record(item.rejection)))
+                out.append((self.opts.dlq_topic, fit_record(to_dlq_record(item.rejection), self.opts.dlq_max_bytes)))
         return out
 
     def _commit_ends(self) -> None:
@@ -358,6 +366,15 @@ class Replayer:
 
     def _retry(self, cause: str, fn: Callable[[], T]) -> T:
         return retry(self.opts.retry, cause, fn, self._sleep)
+
+
+def _without_value(rec: SourceRecord) -> Rejection:
+    """A DLQ record the sink had to store without its value (too large for the DLQ topic)."""
+    info = parse_headers(rec.headers)
+    return Rejection(rec, "decode", "ValueNotInDlq",
+                     f"the DLQ holds this record without its {info.dropped} (too large for the DLQ topic); "
+                     f"the original is at {info.topic} partition {info.partition} offset {info.offset} while "
+                     "that topic's retention keeps it")
 
 
 def retry(policy: RetryPolicy, cause: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:

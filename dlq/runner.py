@@ -7,6 +7,7 @@ import getpass
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from dlq.replay import Outbox, Outcome, Replayer, ReplayOptions, ReplayResult, r
 from sink.errors import FatalError, classify_kafka_error
 from sink.logs import get_logger
 from sink.settings import Settings
+from sink.topics import dlq_max_message_bytes
 from sink.writer import PgWriter
 
 log = get_logger("dlq.runner")
@@ -57,7 +59,8 @@ def run_replay(settings: Settings, opts: ReplayOptions, group: str, *, tty: bool
     progress: ProgressReporter | None = None
     closers: list[Callable[[], Any]] = []
     try:
-        reader, writer, outbox = _open(settings, opts, group, closers)
+        reader, writer, outbox, dlq_max_bytes = _open(settings, opts, group, closers)
+        opts = replace(opts, dlq_max_bytes=dlq_max_bytes)
         total = reader.total
         txn_id = transactional_id(group) if outbox is not None and settings.kafka_transactional else None
         log.info("dlq_replay_started", total=total, transactional_id=txn_id,
@@ -98,7 +101,7 @@ def run_replay(settings: Settings, opts: ReplayOptions, group: str, *, tty: bool
 
 
 def _open(settings: Settings, opts: ReplayOptions, group: str,
-          closers: list[Callable[[], Any]]) -> tuple[DlqReader, PgWriter | None, Outbox | None]:
+          closers: list[Callable[[], Any]]) -> tuple[DlqReader, PgWriter | None, Outbox | None, int]:
     """The order matters:
 
     1. The database first (a missing table is fatal before anything in Kafka is touched).
@@ -119,21 +122,23 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
     closers.append(consumer.close)
     if opts.to_topic is not None:
         _check_topic(consumer, opts.to_topic)
-    # Step 2.
+    # Step 2.  Records that fail again go back to the DLQ fitted to what it takes.
+    limit = retry(policy, "dlq_topic", lambda: dlq_max_message_bytes(settings, opts.dlq_topic))
     outbox: Outbox | None = None
     if not opts.dry_run:
         offsets = ConsumerOffsets(consumer)
         if settings.kafka_transactional:
-            tx = retry(policy, "init_transactions", lambda: TransactionalOutbox(settings, offsets, group))
+            tx = retry(policy, "init_transactions",
+                       lambda: TransactionalOutbox(settings, offsets, group, dlq_max_bytes=limit))
             closers.append(tx.close)
             outbox = tx
         else:
-            plain = PlainOutbox(settings, offsets)
+            plain = PlainOutbox(settings, offsets, dlq_max_bytes=limit)
             closers.append(plain.close)
             outbox = plain
     # Step 3.
     plan = retry(policy, "dlq_offsets", lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True))
-    return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox
+    return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox, limit
 
 
 def _check_topic(consumer: Any, topic: str) -> None:

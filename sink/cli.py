@@ -133,14 +133,16 @@ def run(settings: Settings) -> int:
     if stopping["now"]:
         return EXIT_OK
     health.db_ok = True
-    _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested)
+    dlq_max_bytes = _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested)
+    if dlq_max_bytes is None:  # stop requested
+        return EXIT_OK
 
     source = KafkaSource(settings)
     committer: Any
     if settings.kafka_transactional:
-        committer = TransactionalCommitter(settings, source, settings.dlq_topic)
+        committer = TransactionalCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
     else:
-        committer = PlainCommitter(settings, source, settings.dlq_topic)
+        committer = PlainCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
     _startup_retry("init_transactions", committer.prepare, stop_requested)
     breaker = DlqBreaker(DlqBreakerPolicy(enabled=settings.dlq_breaker_enabled, ratio=settings.dlq_breaker_ratio,
                                           window=settings.dlq_breaker_window,

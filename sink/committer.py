@@ -19,15 +19,17 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord
+from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord, fit_record, parse_headers, record_bytes
 from sink.errors import FatalError, RetryableError, classify_kafka_error
 from sink.logs import get_logger
 from sink.produce import produce_waiting
 from sink.settings import Settings
+from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 log = get_logger("sink.committer")
 
@@ -48,7 +50,9 @@ class OffsetSink(Protocol):
     def commit(self, offsets: dict[TP, int]) -> None: ...
 
 
-def producer_config(settings: Settings, transactional: bool) -> dict[str, Any]:
+def producer_config(settings: Settings, transactional: bool,
+                    dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """dlq_max_bytes: the largest record the DLQ topic takes (its max.message.bytes)."""
     conf: dict[str, Any] = {
         **settings.kafka_extra_config,
         "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -58,6 +62,12 @@ def producer_config(settings: Settings, transactional: bool) -> dict[str, Any]:
         "linger.ms": 5,
         "compression.type": "zstd",
     }
+    # librdkafka refuses a record above message.max.bytes (default 1,000,000) and batches up to
+    # batch.size: both follow the DLQ topic, so a record the topic takes is produced, and a
+    # batch of several is never larger than the topic takes.  Set in KAFKA_EXTRA_CONFIG, they win.
+    limit = min(dlq_max_bytes, _LIBRDKAFKA_MAX_MESSAGE_BYTES)
+    conf.setdefault("message.max.bytes", limit)
+    conf.setdefault("batch.size", min(limit, _LIBRDKAFKA_BATCH_SIZE))
     if transactional:
         # Zombie fencing comes from the consumer group metadata (KIP-447), so the id only has
         # to be unique.  A stable one (KAFKA_TRANSACTIONAL_ID, e.g. the pod name) also lets a
@@ -72,16 +82,42 @@ def producer_config(settings: Settings, transactional: bool) -> dict[str, Any]:
     return conf
 
 
+_LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000  # the largest message.max.bytes librdkafka accepts
+_LIBRDKAFKA_BATCH_SIZE = 1_000_000  # its batch.size default
+
+
+def record_limit(conf: dict[str, Any], dlq_max_bytes: int) -> int:
+    """The largest DLQ record (record_bytes) both the producer and the DLQ topic take."""
+    return min(dlq_max_bytes, int(conf["message.max.bytes"]))
+
+
+def fit(rec: DlqRecord, limit: int) -> DlqRecord:
+    """fit_record, and a log line when it had to leave something out."""
+    out = fit_record(rec, limit)
+    if out is not rec:
+        info = parse_headers(rec.headers)
+        # topic/partition/offset: the input record's, so `logs search --record` finds this line.
+        log.error("dlq_record_too_large", topic=info.topic, partition=info.partition,
+                  offset=info.offset, record_bytes=record_bytes(rec), limit_bytes=limit,
+                  dropped=parse_headers(out.headers).dropped,
+                  hint="the original stays in the input topic at that offset until its retention deletes it; "
+                       "raise max.message.bytes of the DLQ topic to keep such records whole")
+    return out
+
+
 def _kafka_error(e: KafkaException) -> Any:
     return e.args[0] if e.args else None
 
 
 class TransactionalCommitter:
-    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 10.0) -> None:
+    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 10.0,
+                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._settings = settings
         self._source = source
         self._topic = dlq_topic
         self._timeout = timeout
+        self._dlq_max_bytes = dlq_max_bytes
+        self._limit = record_limit(producer_config(settings, True, dlq_max_bytes), dlq_max_bytes)
         self._producer: Producer | None = None
         self._in_txn = False
         # What the transaction whose commit_transaction() timed out holds, while librdkafka
@@ -97,7 +133,7 @@ class TransactionalCommitter:
 
     def _ensure_producer(self) -> Producer:
         if self._producer is None:
-            conf = producer_config(self._settings, transactional=True)
+            conf = producer_config(self._settings, transactional=True, dlq_max_bytes=self._dlq_max_bytes)
             p = Producer(conf)
             try:
                 p.init_transactions(self._timeout)
@@ -157,6 +193,7 @@ class TransactionalCommitter:
             raise self._classify(err, "dlq_commit") from e
 
     def _produce(self, p: Producer, rec: DlqRecord) -> None:
+        rec = fit(rec, self._limit)
         produce_waiting(p, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers))
 
     def _commit(self, p: Producer, work: _Work) -> None:
@@ -222,11 +259,14 @@ _FENCED = frozenset({KafkaError._FENCED, getattr(KafkaError, "PRODUCER_FENCED", 
 
 
 class PlainCommitter:
-    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 30.0) -> None:
+    def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 30.0,
+                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._source = source
         self._topic = dlq_topic
         self._timeout = timeout
-        self._producer = Producer(producer_config(settings, transactional=False))
+        conf = producer_config(settings, transactional=False, dlq_max_bytes=dlq_max_bytes)
+        self._limit = record_limit(conf, dlq_max_bytes)
+        self._producer = Producer(conf)
 
     def prepare(self) -> None:
         """Nothing to set up: a plain producer connects on its first record."""
@@ -239,9 +279,12 @@ class PlainCommitter:
             if err is not None:
                 errors.append(err)
 
-        for rec in dlq:
-            produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers),
-                            on_delivery=on_ack)
+        for rec in map(fit, dlq, repeat(self._limit)):
+            try:
+                produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key,
+                                headers=list(rec.headers), on_delivery=on_ack)
+            except KafkaException as e:
+                raise classify_kafka_error(_kafka_error(e), "dlq_publish") from e
         if dlq:
             left = self._producer.flush(self._timeout)
             if left:

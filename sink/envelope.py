@@ -24,9 +24,19 @@ H_ORIG_TS = "__sink.errors.original_timestamp_ms"  # the input record's Kafka ti
 H_ATTEMPT = "__sink.errors.attempt"  # 1 for the sink, +1 per failed replay
 H_SQLSTATE = "__sink.errors.sqlstate"  # for stage=write
 H_VERSION = "__sink.version"
+# Set when the record did not fit the DLQ topic (fit_record): what was left out ("value", or
+# "value,key,headers"), and the size the whole record had.  The origin headers say where the
+# original still is (until the input topic's retention deletes it).
+H_DROPPED = "__sink.errors.dropped"
+H_ORIG_BYTES = "__sink.errors.original_bytes"
 
 _OURS = ("__connect.errors.", "__sink.")
 MAX_MESSAGE_BYTES = 4096  # keep headers small; the full reason is in the log too
+# A record's framing in a v2 record batch beyond its key, value and header bytes (varints,
+# attributes; the batch header when it travels alone), rounded up: what librdkafka's
+# message.max.bytes check and the broker's max.message.bytes check count on top.
+RECORD_OVERHEAD = 128
+HEADER_OVERHEAD = 10  # per header: the varint lengths of its name and value
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,7 @@ class DlqInfo:
     attempt: int
     sqlstate: str | None
     version: str | None
+    dropped: str | None = None  # what fit_record left out ("value", "value,key,headers")
 
 
 def to_dlq_record(rej: Rejection, now: datetime | None = None) -> DlqRecord:
@@ -82,7 +93,35 @@ def to_dlq_record(rej: Rejection, now: datetime | None = None) -> DlqRecord:
         ours.append((H_ORIG_TS, str(orig_ts).encode()))
     if rej.sqlstate:
         ours.append((H_SQLSTATE, rej.sqlstate.encode()))
+    if prior is not None and prior.dropped is not None:
+        # Replayed without the value it had: say so again, or the next reader cannot tell.
+        ours.extend((k, v) for k, v in rec.headers if k in (H_DROPPED, H_ORIG_BYTES))
     return DlqRecord(rec.key, rec.value, passthrough + tuple(ours))
+
+
+def record_bytes(rec: DlqRecord) -> int:
+    """An upper bound of the record's size as librdkafka and the broker count it (uncompressed)."""
+    return (RECORD_OVERHEAD + len(rec.key or b"") + len(rec.value or b"")
+            + sum(HEADER_OVERHEAD + len(k.encode()) + len(v or b"") for k, v in rec.headers))
+
+
+def fit_record(rec: DlqRecord, max_bytes: int) -> DlqRecord:
+    """The record as a DLQ topic that takes at most max_bytes per record can hold it.
+
+    Unchanged if it fits.  Else without its value, and if that is still too large without its
+    key and the input record's own headers too; H_DROPPED says what was left out and
+    H_ORIG_BYTES how large it was.  Our headers stay: they say why and where the original is.
+    A record refused for its size would otherwise be retried for ever and block every batch
+    after it."""
+    size = record_bytes(rec)
+    if size <= max_bytes:
+        return rec
+    note = ((H_ORIG_BYTES, str(size).encode()),)
+    out = DlqRecord(rec.key, None, (*rec.headers, (H_DROPPED, b"value"), *note))
+    if record_bytes(out) <= max_bytes:
+        return out
+    ours = tuple((k, v) for k, v in rec.headers if k.startswith(_OURS))
+    return DlqRecord(None, None, (*ours, (H_DROPPED, b"value,key,headers"), *note))
 
 
 def _truncate(text: str) -> bytes:
@@ -134,4 +173,5 @@ def parse_headers(headers: Headers | list[tuple[str, bytes | None]] | None) -> D
         attempt=num(H_ATTEMPT) or 1,
         sqlstate=h.get(H_SQLSTATE),
         version=h.get(H_VERSION),
+        dropped=h.get(H_DROPPED),
     )

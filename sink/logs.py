@@ -34,7 +34,9 @@ EVENTS: dict[str, str] = {
     "consumer_paused": "consumption paused (database down or buffer full)",
     "consumer_resumed": "consumption resumed",
     "kafka_error": "a non-fatal error reported by librdkafka",
-    "dlq_topic_created": "the DLQ topic did not exist and was created",
+    "dlq_topic_created": "the DLQ topic did not exist and was created (room for the input's largest record)",
+    "dlq_topic_config_unknown": "the DLQ topic's max.message.bytes could not be read; Kafka's default is assumed",
+    "topic_config_unreadable": "a topic's config could not be described (debug; reason)",
     "kafka_transactions_ready": "the transactional DLQ/offset producer is registered with the broker (at startup, "
                                 "before consuming; carries its `transactional_id`)",
     # the data path
@@ -42,6 +44,8 @@ EVENTS: dict[str, str] = {
     "batch_committed": "offsets of a batch committed to Kafka, after rows and DLQ records",
     "record_rejected": "a record failed decode/validate/write; it goes to the DLQ",
     "dlq_published": "DLQ records of a batch acknowledged by the broker",
+    "dlq_record_too_large": "a DLQ record went without its value (or key): too large for the DLQ topic; "
+                            "the original stays at its origin offset",
     "poison_isolated": "bisection isolated rows the database rejected",
     "batch_discarded": "records of revoked partitions dropped before writing (re-read by the new owner)",
     # failures and retries

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # exported at runtime, missing from the stub
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # exported at runtime, missing from the stub
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from sink.errors import FatalError, classify_kafka_error
 from sink.logs import get_logger
@@ -11,23 +18,61 @@ from sink.settings import Settings
 
 log = get_logger("sink.topics")
 
+# The broker's message.max.bytes default: every topic's max.message.bytes unless set.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+# A DLQ record is the input record plus our headers (the error message alone up to 4 KiB):
+# a DLQ topic the sink creates takes that much more than the input topic, so every input
+# record fits with its original bytes.
+DLQ_HEADROOM_BYTES = 64 * 1024
+# Below this even a record without key and value may not fit beside our headers.
+MIN_DLQ_MAX_MESSAGE_BYTES = 16 * 1024
 
-def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> None:
-    """Create the DLQ topic if missing: as many partitions as the input (or KAFKA_DLQ_PARTITIONS)."""
+
+def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
+    """Create the DLQ topic if missing: as many partitions as the input (or KAFKA_DLQ_PARTITIONS),
+    and room for the input's largest record plus our headers.  Returns the largest record the
+    DLQ topic takes (its max.message.bytes): the committer fits DLQ records to it."""
     admin = AdminClient({**settings.kafka_extra_config, "bootstrap.servers": settings.kafka_bootstrap_servers})
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as e:
         raise classify_kafka_error(e.args[0] if e.args else None, "dlq_topic") from e
     dlq = settings.dlq_topic
-    if dlq in md.topics and md.topics[dlq].error is None:
-        return
+    if not (dlq in md.topics and md.topics[dlq].error is None):
+        _create(admin, settings, md, timeout)
+    return _dlq_limit(admin, dlq, timeout)
+
+
+def dlq_max_message_bytes(settings: Settings, topic: str, timeout: float = 15.0) -> int:
+    """The largest record the DLQ topic takes (for DLQ tooling that does not create it)."""
+    admin = AdminClient({**settings.kafka_extra_config, "bootstrap.servers": settings.kafka_bootstrap_servers})
+    return _dlq_limit(admin, topic, timeout)
+
+
+def _dlq_limit(admin: Any, dlq: str, timeout: float) -> int:
+    limit = _max_message_bytes(admin, dlq, timeout)
+    if limit is None:
+        limit = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+        log.warning("dlq_topic_config_unknown", topic=dlq, assumed_max_message_bytes=limit,
+                    hint="grant DescribeConfigs on the DLQ topic, or a smaller limit makes the broker refuse "
+                         "large DLQ records")
+    if limit < MIN_DLQ_MAX_MESSAGE_BYTES:
+        raise FatalError(f"DLQ topic {dlq} takes records of at most {limit} bytes (max.message.bytes): too small "
+                         f"for the failure headers; raise it to at least {MIN_DLQ_MAX_MESSAGE_BYTES}")
+    return limit
+
+
+def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> None:
+    dlq = settings.dlq_topic
     partitions = settings.kafka_dlq_partitions
+    src = md.topics.get(settings.kafka_input_topic)
     if not partitions:
-        src = md.topics.get(settings.kafka_input_topic)
         partitions = len(src.partitions) if src is not None and src.error is None and src.partitions else 1
+    input_limit = _max_message_bytes(admin, settings.kafka_input_topic, timeout) if src is not None else None
+    max_bytes = max(input_limit or 0, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) + DLQ_HEADROOM_BYTES
     fut = admin.create_topics([NewTopic(dlq, num_partitions=partitions,
-                                        replication_factor=settings.kafka_dlq_replication_factor)])[dlq]
+                                        replication_factor=settings.kafka_dlq_replication_factor,
+                                        config={"max.message.bytes": str(max_bytes)})])[dlq]
     try:
         fut.result(timeout=timeout)
     except KafkaException as e:
@@ -38,6 +83,17 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> None:
         if err is not None and err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
                                               KafkaError.CLUSTER_AUTHORIZATION_FAILED):
             raise FatalError(f"DLQ topic {dlq} does not exist and the sink may not create it: create it "
-                             f"(e.g. {partitions} partitions) or grant CREATE") from e
+                             f"(e.g. {partitions} partitions, max.message.bytes={max_bytes}) or grant CREATE") from e
         raise out from e
-    log.info("dlq_topic_created", topic=dlq, partitions=partitions)
+    log.info("dlq_topic_created", topic=dlq, partitions=partitions, max_message_bytes=max_bytes)
+
+
+def _max_message_bytes(admin: Any, topic: str, timeout: float) -> int | None:
+    """The topic's max.message.bytes; None if the broker does not say (e.g. no DescribeConfigs ACL)."""
+    try:
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+        (fut,) = futures.values()
+        return int(fut.result(timeout=timeout)["max.message.bytes"].value)
+    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as e:
+        log.debug("topic_config_unreadable", topic=topic, reason=str(e))
+        return None

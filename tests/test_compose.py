@@ -13,6 +13,7 @@ import yaml
 
 from sink.migrations import MIN_TIMESCALEDB
 from sink.settings import Settings
+from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,6 +98,9 @@ def test_topics_job_creates_the_input_and_dlq_topics_once_kafka_is_healthy(servi
     for topic in ("decoded_iot_data", "decoded_iot_data.dlq"):
         assert re.search(rf"--topic {re.escape(topic)} --partitions \d+ ", script), topic
     assert script.count("/opt/kafka/bin/kafka-topics.sh --bootstrap-server kafka:29092 --create --if-not-exists") == 2
+    # As the sink would create it: the input's largest record plus the failure headers fit.
+    dlq_max = KAFKA_DEFAULT_MAX_MESSAGE_BYTES + DLQ_HEADROOM_BYTES
+    assert re.search(rf"--topic decoded_iot_data\.dlq [^&]*--config max\.message\.bytes={dlq_max}\b", script)
 
 
 def test_sink_builds_here_restarts_and_waits_for_healthy_dependencies(services: dict[str, Any]) -> None:

@@ -11,7 +11,15 @@ import pytest
 from dlq.filters import build_filter
 from dlq.reader import PartitionRange
 from dlq.replay import Counts, OnFailure, Outcome, Output, Replayer, ReplayOptions, RetryPolicy
-from sink.envelope import H_ATTEMPT, original_headers, parse_headers, to_dlq_record
+from sink.envelope import (
+    H_ATTEMPT,
+    DlqRecord,
+    fit_record,
+    original_headers,
+    parse_headers,
+    record_bytes,
+    to_dlq_record,
+)
 from sink.errors import FatalError, PoisonError, RetryableError
 from sink.model import Row
 from sink.types import Rejection, SourceRecord, WriteResult
@@ -291,3 +299,28 @@ def test_options_are_validated_eagerly() -> None:
         ReplayOptions(dlq_topic=DLQ, max_records=0)
     with pytest.raises(ValueError, match="needs a writer"):
         Replayer(ReplayOptions(dlq_topic=DLQ), ListReader([]), None, ListOutbox([]))
+
+
+def test_a_record_stored_without_its_value_fails_again_saying_where_the_original_is() -> None:
+    # The sink stores a record too large for the DLQ topic without its value (fit_record).
+    whole = dlq_record(0, 1, b"{" + b"x" * 5000, error_class="InvalidJson", stage="decode", origin_offset=41)
+    slim = fit_record(DlqRecord(whole.key, whole.value, whole.headers), 2000)
+    records = [dlq_record(0, 0, good(0)), SourceRecord(DLQ, 0, 1, slim.key, slim.value, slim.headers, 1)]
+    r, writer, outbox, _ = make(records)
+    result = r.run()
+    assert counts(result.counts) == {"replayed": 2, "inserted": 1, "failed_again": 1, "dlq": 1}
+    assert len(writer.rows) == 1
+    (out,) = [rec for _, rec in outbox.outputs]
+    info = parse_headers(out.headers)
+    assert (info.error_class, info.dropped, info.offset, info.attempt) == ("ValueNotInDlq", "value", 41, 2)
+    assert info.message is not None and "offset 41" in info.message
+    assert out.value is None
+
+
+def test_a_record_failing_again_is_fitted_to_what_the_dlq_topic_takes() -> None:
+    records = [dlq_record(0, 0, b"{" + b"y" * 30_000, error_class="InvalidJson", stage="decode")]
+    r, _writer, outbox, _ = make(records, dlq_max_bytes=20_000)
+    r.run()
+    (out,) = [rec for _, rec in outbox.outputs]
+    assert out.value is None and record_bytes(out) <= 20_000
+    assert parse_headers(out.headers).dropped == "value"

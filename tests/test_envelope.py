@@ -1,5 +1,6 @@
 """DLQ envelope: original key/value/headers kept, Kafka Connect failure headers added, parse(build(x)) == x,
-and a record re-DLQ'd by replay keeps its origin and counts its attempts."""
+a record re-DLQ'd by replay keeps its origin and counts its attempts, and a record too large for
+the DLQ topic loses its value (then key and input headers), never its origin."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sink import __version__
-from sink.envelope import MAX_MESSAGE_BYTES, DlqRecord, original_headers, parse_headers, to_dlq_record
+from sink.envelope import (
+    H_DROPPED,
+    H_ORIG_BYTES,
+    MAX_MESSAGE_BYTES,
+    DlqRecord,
+    fit_record,
+    original_headers,
+    parse_headers,
+    record_bytes,
+    to_dlq_record,
+)
 from sink.types import Headers, Rejection, SourceRecord
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -202,3 +213,54 @@ def test_parse_of_build_round_trips(
     assert (info.stage, info.error_class, info.message, info.sqlstate) == (stage, error_class, message, sqlstate)
     assert info.failed_at == now.replace(microsecond=now.microsecond // 1000 * 1000)
     assert (info.attempt, info.version) == (1, __version__)
+
+
+# ---------------------------------------------------------------- records too large for the DLQ topic
+
+def test_a_record_that_fits_the_dlq_is_left_as_it_is() -> None:
+    rec = to_dlq_record(rejection(), now=NOW)
+    assert fit_record(rec, record_bytes(rec)) is rec
+
+
+def test_a_value_too_large_for_the_dlq_is_left_out_and_the_headers_say_so() -> None:
+    rec = to_dlq_record(rejection(source(value=b"x" * 5000)), now=NOW)
+    out = fit_record(rec, 2000)
+    assert out.key == rec.key and out.value is None
+    assert out.headers[: len(rec.headers)] == rec.headers  # the input's and ours, all kept
+    assert as_dict(out.headers)[H_DROPPED] == b"value"
+    assert as_dict(out.headers)[H_ORIG_BYTES] == str(record_bytes(rec)).encode()
+    assert record_bytes(out) <= 2000
+    info = parse_headers(out.headers)
+    assert (info.topic, info.partition, info.offset, info.dropped) == ("decoded_iot_data", 2, 41, "value")
+
+
+def test_key_and_input_headers_go_too_when_the_value_alone_is_not_enough() -> None:
+    rec = to_dlq_record(rejection(source(key=b"k" * 3000, headers=(("big", b"h" * 3000),))), now=NOW)
+    out = fit_record(rec, 2000)
+    assert (out.key, out.value) == (None, None)
+    assert original_headers(out.headers) == ()
+    assert [h for h in out.headers if h[0] not in (H_DROPPED, H_ORIG_BYTES)] == list(
+        h for h in rec.headers if h[0].startswith("__"))
+    assert parse_headers(out.headers).dropped == "value,key,headers"
+    assert record_bytes(out) <= 2000
+
+
+@given(key=st.binary(max_size=3000), value=st.binary(max_size=6000), limit=st.integers(1500, 12000),
+       extra=st.lists(st.tuples(st.text(max_size=20), st.binary(max_size=500)), max_size=5))
+def test_fit_record_is_within_the_limit_and_changes_only_what_does_not_fit(
+        key: bytes, value: bytes, limit: int, extra: list[tuple[str, bytes]]) -> None:
+    rec = to_dlq_record(rejection(source(key=key, value=value, headers=tuple(extra))), now=NOW)
+    out = fit_record(rec, limit)
+    assert record_bytes(out) <= limit
+    assert (out is rec) == (record_bytes(rec) <= limit)
+    assert parse_headers(out.headers).offset == 41  # the way back to the original, always
+
+
+def test_replaying_a_record_without_its_value_keeps_saying_so() -> None:
+    dropped = fit_record(to_dlq_record(rejection(source(value=b"x" * 5000)), now=NOW), 2000)
+    replayed = SourceRecord("decoded_iot_data.dlq", 0, 3, dropped.key, dropped.value, dropped.headers)
+    again = to_dlq_record(rejection(replayed, error_class="EmptyValue", message="empty"), now=NOW)
+    headers = [k for k, _ in again.headers]
+    assert headers.count(H_DROPPED) == 1 and headers.count(H_ORIG_BYTES) == 1
+    assert parse_headers(again.headers).dropped == "value"
+    assert parse_headers(again.headers).attempt == 2

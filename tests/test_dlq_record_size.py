@@ -1,0 +1,98 @@
+"""An invalid record too large for the DLQ is neither retried for ever nor a crash loop: the DLQ
+topic the sink creates takes the input's largest record plus our headers, and a DLQ topic that
+takes less gets the record without its value, with headers saying so and where the original is.
+The real sink process against the real local broker and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
+
+from dev import testkit
+from sink.envelope import H_DROPPED, H_OFFSET, H_ORIG_BYTES, H_TOPIC
+from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dlq_topic(topic: str) -> Iterator[str]:
+    name = f"{topic}.dlq2"  # not created by the topic fixture
+    yield name
+    testkit.delete_topics([name])
+
+
+def _produce_large(topic: str, values: list[bytes]) -> list[testkit.Sent]:
+    """testkit.produce, with a producer that sends up to the topic's 1 MiB (librdkafka: 1,000,000)."""
+    p = testkit.producer(**{"message.max.bytes": 1_048_576})
+    sent: list[testkit.Sent] = []
+
+    def on_ack(err: Any, msg: Any) -> None:
+        assert err is None, err
+        sent.append(testkit.Sent(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()))
+
+    for v in values:
+        p.produce(topic, value=v, key=b"dev-big", partition=0, on_delivery=on_ack)
+    assert p.flush(30) == 0
+    return sent
+
+
+def _max_message_bytes(topic: str) -> int:
+    adm = testkit.admin()  # keep a reference: a destroyed handle fails its futures
+    fut = next(iter(adm.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()))
+    return int(fut.result(timeout=10)["max.message.bytes"].value)
+
+
+def _drain(schema: str, topic: str, group: str, dlq_topic: str, logdir: Path) -> testkit.SinkProcess:
+    """Run the sink until it committed both records of partition 0, then stop it cleanly."""
+    sink = testkit.SinkProcess(testkit.sink_env(schema, topic, group, KAFKA_DLQ_TOPIC=dlq_topic),
+                               logdir / "sink.log").start()
+    try:
+        testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == {0: 2}, 60, what="offset 2 committed")
+        assert sink.stop() == 0
+    finally:
+        if sink.alive():
+            sink.kill()
+    return sink
+
+
+def _valid() -> bytes:
+    return json.dumps({"timestamp": 1_700_000_000, "mac_address": "dev-1", "mode": "analog",
+                       "data_point_label": "temperature", "pin": 1, "value": 1.5}).encode()
+
+
+def test_the_dlq_topic_the_sink_creates_takes_the_largest_input_record_whole(
+        schema: str, topic: str, group: str, dlq_topic: str, logdir: Path) -> None:
+    big = b"{" + b"x" * 1_040_000  # not JSON; the input topic takes it, librdkafka's default limit does not
+    sent = _produce_large(topic, [big, _valid()])
+    _drain(schema, topic, group, dlq_topic, logdir)
+    assert _max_message_bytes(dlq_topic) == KAFKA_DEFAULT_MAX_MESSAGE_BYTES + DLQ_HEADROOM_BYTES
+    (d,) = testkit.read_all(dlq_topic)
+    assert d.value == big and d.key == b"dev-big"  # the original bytes
+    assert H_DROPPED not in d.headers and int(d.headers[H_OFFSET]) == sent[0].offset
+    assert testkit.row_count(schema) == 1
+
+
+def test_a_record_too_large_for_the_dlq_topic_goes_there_without_its_value(
+        schema: str, topic: str, group: str, dlq_topic: str, logdir: Path) -> None:
+    adm = testkit.admin()
+    for fut in adm.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1,
+                                           config={"max.message.bytes": "100000"})]).values():
+        fut.result(timeout=30)
+    testkit.wait_topic_ready(dlq_topic, 1)
+    big = b"{" + b"y" * 200_000
+    sent = _produce_large(topic, [big, _valid()])
+    sink = _drain(schema, topic, group, dlq_topic, logdir)
+    (d,) = testkit.read_all(dlq_topic)
+    assert d.value is None and d.key == b"dev-big"
+    assert d.headers[H_DROPPED] == b"value" and int(d.headers[H_ORIG_BYTES]) > 200_000
+    assert d.headers[H_TOPIC] == topic.encode() and int(d.headers[H_OFFSET]) == sent[0].offset
+    assert testkit.row_count(schema) == 1
+    (line,) = [e for e in sink.events() if e["event"] == "dlq_record_too_large"]
+    assert line["limit_bytes"] == 100_000
+    assert (line["topic"], line["partition"], line["offset"]) == (topic, 0, sent[0].offset)
