@@ -21,6 +21,8 @@ EVENTS: dict[str, str] = {
     "fatal_error": "an unrecoverable error; the process exits non-zero",
     "shutdown_requested": "SIGTERM/SIGINT received; the current batch is finished first",
     "shutdown_timeout": "the final batch could not be written in time; its offsets stay uncommitted",
+    "exit_commit_failed": "leaving early, the Kafka commit of batches already in the database failed; "
+                          "they are re-read on the next start",
     # schema
     "migration_applied": "a numbered migration ran (file, checksum)",
     "migrations_up_to_date": "no migration was pending",

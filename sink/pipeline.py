@@ -22,7 +22,7 @@ from sink.bisect import write_isolating_poison
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
 from sink.decode import decode_many
 from sink.envelope import DlqRecord, to_dlq_record
-from sink.errors import FatalError, RetryableError
+from sink.errors import FatalError, RetryableError, SinkError
 from sink.health import HealthState
 from sink.logs import get_logger
 from sink.metrics import Metrics
@@ -184,6 +184,10 @@ class Pipeline:
             self._drain()
         except ShutdownExpired as e:
             log.warning("shutdown_timeout", reason=str(e))
+            self._commit_written()
+        except FatalError:
+            self._commit_written()
+            raise
 
     def step(self) -> None:
         """One turn of the loop: hand a due batch to the writer, commit a written one, or consume.
@@ -350,13 +354,27 @@ class Pipeline:
         return bool(self._pending) and (
             self._caught_up or self._clock() - self._pending_since >= self.cfg.commit_interval)
 
-    def _commit_pending(self) -> None:
+    def _commit_written(self) -> None:
+        """Leaving early (shutdown timeout, fatal error): the batches already through step 2 are
+        durable in the database, so commit them, once, not retried; whatever fails here is
+        re-read on the next start and absorbed by ON CONFLICT."""
+        if not self._pending:
+            return
+        try:
+            self._commit_pending(retry=False)
+        except SinkError as e:
+            log.warning("exit_commit_failed", reason=str(e))
+
+    def _commit_pending(self, retry: bool = True) -> None:
         """Steps 3 and 4 of _complete's list for every batch through step 2, in one commit."""
         pending, self._pending = self._pending, []
         try:
             # Against whatever is still ours at each attempt: a revoke drops partitions from the batches.
             t1 = self._clock()
-            self._retry("commit", lambda: self._commit(pending))
+            if retry:
+                self._retry("commit", lambda: self._commit(pending))
+            else:
+                self._commit(pending)
             self.metrics.commit_seconds.observe(self._clock() - t1)
             self.metrics.committed()
             latency_ms = round((self._clock() - t1) * 1000, 1)

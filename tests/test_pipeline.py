@@ -440,3 +440,39 @@ def test_with_a_spare_writer_a_database_outage_loses_nothing_and_commits_in_orde
     run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
     assert len(writer.rows) == 100
     assert commits == sorted(commits) and commits[-1] == 100
+
+
+def failing_from(writer: TableWriter, value: float) -> None:
+    """From the batch holding the row with this value on, every write fails (a database gone)."""
+    inner = writer.write
+
+    def write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+              after_insert: Callable[[], None] | None = None) -> WriteResult:
+        if any(r[5] >= value for r in rows):
+            raise RetryableError("db_write", "connection refused")
+        return inner(rows, before_insert, after_insert)
+
+    writer.write = write  # type: ignore[method-assign]
+
+
+def test_stop_timing_out_on_a_write_still_commits_the_batches_already_written() -> None:
+    p, _, writer, committer, _, _ = make([rec(0, i, good(i)) for i in range(20)], shutdown_timeout=5.0)
+    failing_from(writer, 10.0)  # the second batch never gets in
+    run_until(p, lambda: bool(p._pending and p._writing))  # the first is written, the second on its way
+    p.request_stop()
+    p.run()  # returns: ShutdownExpired is logged, not raised
+    assert committer.offsets == {(TOPIC, 0): 10}
+    assert len(writer.rows) == 10
+
+
+def test_a_breaker_trip_still_commits_the_batches_written_before_the_tripping_one() -> None:
+    # A backlog: the good batch's commit waits for the next batches (not caught up).
+    records = ([rec(0, i, good(i)) for i in range(10)] + [rec(0, i, b"{bad") for i in range(10, 20)]
+               + [rec(0, i, good(i)) for i in range(20, 40)])
+    breaker = DlqBreaker(DlqBreakerPolicy(enabled=True, consecutive=5, window=100, ratio=0.9))
+    p, _, _, committer, events, _ = make(records, breaker=breaker)
+    with pytest.raises(FatalError, match="DLQ breaker tripped"):
+        p.run()
+    assert events.index("write:10") < events.index("commit:0")  # committed on the way out
+    assert committer.offsets == {(TOPIC, 0): 10}  # the good batch, not the tripping one
+    assert committer.dlq == []
