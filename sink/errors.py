@@ -43,8 +43,10 @@ class FatalError(SinkError):
 # SQLSTATE classes (first two characters) -> kind.  See PostgreSQL's errcodes appendix.
 _RETRYABLE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 _POISON_CLASSES = frozenset({"22", "23"})
-# Lock timeouts and "object in use" clear up on their own.
-_RETRYABLE_CODES = frozenset({"55P03", "55006"})
+# Lock timeouts and "object in use" clear up on their own.  25P03/25P04: the server ended the
+# session (idle_in_transaction_session_timeout, PostgreSQL 17's transaction_timeout); the
+# retry reconnects.
+_RETRYABLE_CODES = frozenset({"55P03", "55006", "25P03", "25P04"})
 
 
 def classify_db_error(exc: BaseException, cause: str = "db_write") -> SinkError:

@@ -61,6 +61,8 @@ class Writer(Protocol):
     def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
               after_insert: Callable[[], None] | None = None) -> WriteResult: ...
 
+    def keepalive(self) -> None: ...
+
     def check(self) -> bool: ...
 
 
@@ -93,6 +95,18 @@ class PipelineConfig:
                    max_splits=s.bisect_max_splits, retry_initial_backoff=s.retry_initial_backoff,
                    retry_max_backoff=s.retry_max_backoff, retry_max_attempts=s.retry_max_attempts,
                    shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval)
+
+
+# A batch waiting for the one before it is idle in a transaction (after its COPY, before its
+# INSERT); the writer's idle_in_transaction_session_timeout (20 s) would end its session if the
+# previous INSERT took longer (a slow database: statement_timeout allows 120 s).
+WAIT_KEEPALIVE_S = 5.0
+
+
+def wait_keeping_alive(done: threading.Event, writer: Writer, every: float = WAIT_KEEPALIVE_S) -> None:
+    """Wait for `done`, with a keepalive on the writer's open transaction every `every` seconds."""
+    while not done.wait(every):
+        writer.keepalive()
 
 
 class ShutdownExpired(Exception):
@@ -411,7 +425,7 @@ class Pipeline:
 
         def wait_previous() -> None:
             if after is not None:
-                after.wait()
+                wait_keeping_alive(after, writer)
 
         def write(part: Sequence[Row]) -> WriteResult:
             calls[0] += 1

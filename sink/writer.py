@@ -185,6 +185,13 @@ class PgWriter:
             raise err from e
         return replace(classify_duplicates(rows, returned, self._pk_index), insert_s=insert_s)
 
+    def keepalive(self) -> None:
+        """A no-op statement in the open transaction, from within write()'s before_insert: a
+        batch waiting there for the one before it is idle in a transaction, and the server ends
+        such a session after idle_in_transaction_session_timeout."""
+        if self._conn is not None:
+            self._conn.execute("SELECT 1")
+
     def _after_failure(self, conn: psycopg.Connection[Any]) -> None:
         if conn.closed or conn.broken:
             self.close()

@@ -47,6 +47,8 @@ def server_error(cls: type[psycopg.Error], sqlstate: str, primary: str, detail: 
         "58030",  # io_error
         "55P03",  # lock_not_available (lock_timeout)
         "55006",  # object_in_use
+        "25P03",  # idle_in_transaction_session_timeout: the server ended our session
+        "25P04",  # transaction_timeout (PostgreSQL 17)
     ],
 )
 def test_unavailable_database_errors_are_retryable(sqlstate: str) -> None:

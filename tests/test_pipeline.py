@@ -84,6 +84,7 @@ class TableWriter:
         self.poison: Callable[[Row], bool] = lambda row: False
         self.insert_s = 0.0  # what each write says its INSERT took
         self.writes = 0
+        self.keepalives = 0
 
     @property
     def connected(self) -> bool:
@@ -91,6 +92,9 @@ class TableWriter:
 
     def check(self) -> bool:
         return True
+
+    def keepalive(self) -> None:
+        self.keepalives += 1
 
     def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
               after_insert: Callable[[], None] | None = None) -> WriteResult:

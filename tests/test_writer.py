@@ -1,9 +1,11 @@
 """PgWriter against the real database: which rows of a batch were new and which were
-duplicates, when the batch repeats keys of its own and of earlier batches."""
+duplicates, when the batch repeats keys of its own and of earlier batches; and a write waiting
+for the batch before it keeps its session."""
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,8 +13,11 @@ from typing import Any
 import pytest
 
 from dev import services, testkit
+from sink import writer as writer_module
+from sink.errors import RetryableError
 from sink.migrations import migrate
 from sink.model import COLUMNS, PRIMARY_KEY
+from sink.pipeline import wait_keeping_alive
 from sink.settings import Settings
 from sink.writer import PgWriter
 
@@ -67,3 +72,26 @@ def test_duplicates_are_the_rows_whose_key_existed_or_came_earlier_in_the_batch(
                               "FROM iot_measurements").fetchall()
     # Of two rows with one key, the first in the batch is the one stored.
     assert {tuple(r[:5]): r[5] for r in stored} == first_value
+
+
+def test_a_write_waiting_for_the_previous_batch_keeps_its_session(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between its COPY and its INSERT a batch waits for the batch before it, idle in a
+    # transaction; the server ends such a session after idle_in_transaction_session_timeout
+    # (20 s; 1 s here), so the pipeline's wait sends keepalives (every 5 s; 0.3 s here).
+    monkeypatch.setitem(writer_module.SESSION_SETTINGS, "idle_in_transaction_session_timeout", "1s")
+    w = writer(schema)
+    rows = [row(random.Random(1), i) for i in range(10)]
+
+    def previous_batch_in_after(seconds: float) -> threading.Event:
+        done = threading.Event()
+        threading.Timer(seconds, done.set).start()
+        return done
+
+    done = previous_batch_in_after(2.5)
+    assert w.write(rows, lambda: wait_keeping_alive(done, w, every=0.3)).inserted == len(set(
+        tuple(r[j] for j in PK) for r in rows))
+    # Without the keepalives the server ends the session: a retryable error, the batch retried.
+    done = previous_batch_in_after(2.5)
+    with pytest.raises(RetryableError):
+        w.write(rows, done.wait)
+    w.close()
