@@ -142,8 +142,12 @@ class KafkaSource:
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                if err.fatal():
-                    raise FatalError(f"Kafka consumer failed: {err.name()}: {err.str()}")
+                # Fatal: librdkafka's fatal errors and those only the operator can fix (a
+                # missing ACL: exit with the reason instead of idling with a warning for ever).
+                # The rest (e.g. a topic not created yet) clear up on their own: warn.
+                kind = classify_kafka_error(err, "consume")
+                if isinstance(kind, FatalError):
+                    raise kind
                 self._warn_rate_limited(err)
                 continue
             ts_type, ts = m.timestamp()

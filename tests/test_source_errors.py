@@ -1,0 +1,78 @@
+"""KafkaSource.consume: which errors librdkafka reports among the consumed messages stop the
+sink (an ACL only the operator can fix) and which are warned about while the records around
+them are kept (a topic not created yet)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from dev import services
+from sink.errors import FatalError
+from sink.settings import Settings
+from sink.source import KafkaSource
+
+
+class Msg:
+    def __init__(self, offset: int, err: KafkaError | None = None) -> None:
+        self._offset, self._err = offset, err
+
+    def error(self) -> KafkaError | None:
+        return self._err
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return None
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+
+class Consumer:
+    """Hands out one fixed list of messages."""
+
+    def __init__(self, msgs: list[Msg]) -> None:
+        self.msgs = msgs
+
+    def consume(self, num_messages: int, timeout: float) -> list[Msg]:
+        out, self.msgs = self.msgs, []
+        return out
+
+    def assignment(self) -> list[Any]:
+        return []
+
+
+@pytest.fixture
+def source() -> Iterator[KafkaSource]:
+    src = KafkaSource(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP, kafka_input_topic="in"))
+    real = src.consumer
+    yield src
+    real.close()
+
+
+def test_an_authorization_error_stops_the_sink(source: KafkaSource) -> None:
+    source.consumer = Consumer([Msg(0), Msg(0, KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "denied"))])
+    with pytest.raises(FatalError, match="TOPIC_AUTHORIZATION_FAILED"):
+        source.consume(10, 0.1)
+
+
+def test_a_transient_error_is_warned_about_and_the_records_around_it_kept(source: KafkaSource) -> None:
+    source.consumer = Consumer([Msg(0), Msg(0, KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "not yet")), Msg(1)])
+    assert [r.offset for r in source.consume(10, 0.1)] == [0, 1]
