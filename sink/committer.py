@@ -105,6 +105,25 @@ def fit(rec: DlqRecord, limit: int) -> DlqRecord:
     return out
 
 
+def _too_large(err: Any) -> bool:
+    return err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+
+def lower_limit(limit: int, dlq: Sequence[DlqRecord]) -> int:
+    """The broker refused a DLQ record of this batch as too large although it fit `limit`: the
+    topic takes less than known (its config could not be read).  A limit below the batch's
+    largest record as sent, so the retry sends that one without its value (and the next retry
+    the next one, if another is still too large): no retrying for ever over a record's size."""
+    largest = max((record_bytes(fit_record(r, limit)) for r in dlq), default=limit)
+    lowered = max(_MIN_RECORD_LIMIT, min(limit, largest - 1))
+    log.warning("dlq_limit_lowered", limit_bytes=lowered, previous_limit_bytes=limit,
+                hint="the DLQ topic takes less than its max.message.bytes was read or assumed to be")
+    return lowered
+
+
+_MIN_RECORD_LIMIT = 1024  # below this even our headers alone cannot fit
+
+
 def _kafka_error(e: KafkaException) -> Any:
     return e.args[0] if e.args else None
 
@@ -166,6 +185,7 @@ class TransactionalCommitter:
             return
         p = self._ensure_producer()
         work = _Work.of(dlq, offsets)
+        refused: list[Any] = []  # delivery errors: the one commit_transaction() reports may be a later one
         try:
             if self._unfinished is not None:
                 # The last commit_transaction() timed out.  librdkafka goes on committing that
@@ -181,7 +201,7 @@ class TransactionalCommitter:
             p.begin_transaction()
             self._in_txn = True
             for rec in dlq:
-                self._produce(p, rec)
+                self._produce(p, rec, refused)
             if offsets:
                 tps = [TopicPartition(t, part, o) for (t, part), o in offsets.items()]
                 p.send_offsets_to_transaction(tps, self._source.group_metadata(), self._timeout)
@@ -190,11 +210,18 @@ class TransactionalCommitter:
             err = _kafka_error(e)
             if err is not None and err.txn_requires_abort():
                 self._abort(p)
+            if _too_large(err) or any(map(_too_large, refused)):
+                self._limit = lower_limit(self._limit, dlq)
             raise self._classify(err, "dlq_commit") from e
 
-    def _produce(self, p: Producer, rec: DlqRecord) -> None:
+    def _produce(self, p: Producer, rec: DlqRecord, refused: list[Any]) -> None:
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                refused.append(err)
+
         rec = fit(rec, self._limit)
-        produce_waiting(p, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers))
+        produce_waiting(p, self._topic, value=rec.value, key=rec.key, headers=list(rec.headers),
+                        on_delivery=on_delivery)
 
     def _commit(self, p: Producer, work: _Work) -> None:
         # A retriable commit error leaves the transaction committing: commit again, never abort.
@@ -290,6 +317,8 @@ class PlainCommitter:
             if left:
                 raise RetryableError("dlq_publish", f"{left} DLQ records not acknowledged in {self._timeout}s")
             if errors:
+                if any(map(_too_large, errors)):
+                    self._limit = lower_limit(self._limit, dlq)
                 raise classify_kafka_error(errors[0], "dlq_publish")
             log.debug("dlq_published", topic=self._topic, dlq=len(dlq))
         self._source.commit(offsets)

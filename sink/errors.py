@@ -101,8 +101,4 @@ _FATAL_KAFKA = frozenset({
     "_AUTHENTICATION",
     "_INVALID_ARG",
     "_SSL",
-    # A record the broker refuses for its size is refused again on every retry.  The DLQ
-    # committer fits records to the DLQ topic's max.message.bytes, so this means the topic
-    # takes less than it said (or than assumed when its config could not be read).
-    "MSG_SIZE_TOO_LARGE",
 })

@@ -48,6 +48,8 @@ EVENTS: dict[str, str] = {
     "dlq_published": "DLQ records of a batch acknowledged by the broker",
     "dlq_record_too_large": "a DLQ record went without its value (or key): too large for the DLQ topic; "
                             "the original stays at its origin offset",
+    "dlq_limit_lowered": "the broker refused a DLQ record as too large: the batch's DLQ records are sent again "
+                         "under a lower limit",
     "poison_isolated": "bisection isolated rows the database rejected",
     "batch_discarded": "records of revoked partitions dropped before writing (re-read by the new owner)",
     # failures and retries

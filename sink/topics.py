@@ -38,9 +38,11 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
     except KafkaException as e:
         raise classify_kafka_error(e.args[0] if e.args else None, "dlq_topic") from e
     dlq = settings.dlq_topic
+    created = None
     if not (dlq in md.topics and md.topics[dlq].error is None):
-        _create(admin, settings, md, timeout)
-    return _dlq_limit(admin, dlq, timeout)
+        created = _create(admin, settings, md, timeout)
+    # Just created, the broker may not describe it yet (its metadata lags): what was set is known.
+    return _dlq_limit(admin, dlq, timeout, known=created)
 
 
 def dlq_max_message_bytes(settings: Settings, topic: str, timeout: float = 15.0) -> int:
@@ -49,20 +51,21 @@ def dlq_max_message_bytes(settings: Settings, topic: str, timeout: float = 15.0)
     return _dlq_limit(admin, topic, timeout)
 
 
-def _dlq_limit(admin: Any, dlq: str, timeout: float) -> int:
-    limit = _max_message_bytes(admin, dlq, timeout)
+def _dlq_limit(admin: Any, dlq: str, timeout: float, known: int | None = None) -> int:
+    limit = _max_message_bytes(admin, dlq, timeout) or known
     if limit is None:
         limit = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
         log.warning("dlq_topic_config_unknown", topic=dlq, assumed_max_message_bytes=limit,
-                    hint="grant DescribeConfigs on the DLQ topic, or a smaller limit makes the broker refuse "
-                         "large DLQ records")
+                    hint="grant DescribeConfigs on the DLQ topic; if it takes less, a DLQ record the broker "
+                         "refuses for its size is sent again without its value")
     if limit < MIN_DLQ_MAX_MESSAGE_BYTES:
         raise FatalError(f"DLQ topic {dlq} takes records of at most {limit} bytes (max.message.bytes): too small "
                          f"for the failure headers; raise it to at least {MIN_DLQ_MAX_MESSAGE_BYTES}")
     return limit
 
 
-def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> None:
+def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> int | None:
+    """Create the DLQ topic; its max.message.bytes, or None if another instance created it."""
     dlq = settings.dlq_topic
     partitions = settings.kafka_dlq_partitions
     src = md.topics.get(settings.kafka_input_topic)
@@ -78,7 +81,7 @@ def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> None:
     except KafkaException as e:
         err = e.args[0] if e.args else None
         if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-            return
+            return None
         out = classify_kafka_error(err, "dlq_topic")
         if err is not None and err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
                                               KafkaError.CLUSTER_AUTHORIZATION_FAILED):
@@ -86,6 +89,7 @@ def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> None:
                              f"(e.g. {partitions} partitions, max.message.bytes={max_bytes}) or grant CREATE") from e
         raise out from e
     log.info("dlq_topic_created", topic=dlq, partitions=partitions, max_message_bytes=max_bytes)
+    return max_bytes
 
 
 def _max_message_bytes(admin: Any, topic: str, timeout: float) -> int | None:

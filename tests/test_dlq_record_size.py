@@ -6,6 +6,8 @@ The real sink process against the real local broker and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,11 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
-from dev import testkit
-from sink.envelope import H_DROPPED, H_OFFSET, H_ORIG_BYTES, H_TOPIC
+from dev import services, testkit
+from sink.committer import PlainCommitter, TransactionalCommitter
+from sink.envelope import H_DROPPED, H_OFFSET, H_ORIG_BYTES, H_TOPIC, DlqRecord
+from sink.errors import RetryableError
+from sink.settings import Settings
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 pytestmark = pytest.mark.integration
@@ -96,3 +101,42 @@ def test_a_record_too_large_for_the_dlq_topic_goes_there_without_its_value(
     (line,) = [e for e in sink.events() if e["event"] == "dlq_record_too_large"]
     assert line["limit_bytes"] == 100_000
     assert (line["topic"], line["partition"], line["offset"]) == (topic, 0, sent[0].offset)
+
+
+class NoOffsets:
+    def group_metadata(self) -> Any:
+        raise AssertionError("no offsets were given")
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        assert offsets == {}
+
+
+@pytest.mark.parametrize("committer_class", [TransactionalCommitter, PlainCommitter])
+def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_record(
+        dlq_topic: str, committer_class: Any) -> None:
+    # DescribeConfigs not allowed: the sink assumes Kafka's default, the topic takes 100 kB.
+    adm = testkit.admin()
+    for fut in adm.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1,
+                                           config={"max.message.bytes": "100000"})]).values():
+        fut.result(timeout=30)
+    testkit.wait_topic_ready(dlq_topic, 1)
+    committer = committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
+                                timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+    big = DlqRecord(b"k", random.Random(5).randbytes(200_000),  # incompressible: zstd cannot save it
+                    ((H_TOPIC, b"in"), (H_OFFSET, b"5")))
+    small = DlqRecord(b"k2", b"fits", ((H_TOPIC, b"in"), (H_OFFSET, b"6")))
+    try:
+        with pytest.raises(RetryableError):  # transactional: may name a later error of the aborted transaction
+            committer.complete([small, big], {})
+        for attempt in range(5):  # the pipeline's retries: the large one without its value
+            try:
+                committer.complete([small, big], {})
+                break
+            except RetryableError:  # transactional: the aborted transaction's epoch bump, once
+                assert attempt < 4
+                time.sleep(0.5)
+    finally:
+        committer.close()
+    got = {r.key: r for r in testkit.read_all(dlq_topic)}
+    assert got[b"k"].value is None and got[b"k"].headers[H_DROPPED] == b"value"
+    assert got[b"k2"].value == b"fits"

