@@ -31,6 +31,8 @@ _LEVEL_ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical"}
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _GZIP_MAGIC = b"\x1f\x8b"
+# `docker compose logs` prefixes each line with `<service>-1  | `; a bounded name keeps the match cheap.
+_COMPOSE_PREFIX = re.compile(rb"[\w.-]{1,128}\s*\|\s(?=\{)")
 # A record is re-read a handful of times, not thousands: beyond this the verdict just counts.
 _FATE_CAP = 20
 _HEAD = ("timestamp", "level", "event")
@@ -89,10 +91,12 @@ def parse_record(text: str) -> RecordRef:
 def parse_time(text: str) -> TimeSpec:
     """``90s``/``15m``/``1h``/``2d``/``1w`` back from now, or an ISO 8601 time (naive means UTC)."""
     value = text.strip()
-    if m := _RELATIVE.match(value):
-        return timedelta(seconds=float(m[1]) * _UNIT_SECONDS[m[2]])
     try:
+        if m := _RELATIVE.match(value):
+            return timedelta(seconds=float(m[1]) * _UNIT_SECONDS[m[2]])
         t = datetime.fromisoformat(value)
+    except OverflowError:  # 99999999999999d: more days than a timedelta holds
+        raise argparse.ArgumentTypeError(f"out of range (years 1 to 9999 only), got {text!r}") from None
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a relative time like 90s, 15m, 1h, 2d or an ISO 8601 time, got {text!r}"
@@ -114,15 +118,19 @@ def parse_level(text: str) -> str:
     return name
 
 
-def resolve_time(spec: TimeSpec | None, now: datetime) -> datetime | None:
-    if spec is None:
-        return None
-    return now - spec if isinstance(spec, timedelta) else spec
+def resolve_time(spec: TimeSpec | None, now: datetime, option: str = "--since") -> datetime | None:
+    """The absolute time; raises ValueError when ``now - spec`` falls before year 1 (1000000d)."""
+    if not isinstance(spec, timedelta):
+        return spec
+    try:
+        return now - spec
+    except OverflowError:
+        raise ValueError(f"argument {option}: out of range (years 1 to 9999 only), got {spec.days}d ago") from None
 
 
 def build_query(args: argparse.Namespace, now: datetime) -> Query:
     """The parsed arguments as a Query; raises ValueError for combinations argparse cannot check."""
-    since, until = resolve_time(args.since, now), resolve_time(args.until, now)
+    since, until = resolve_time(args.since, now, "--since"), resolve_time(args.until, now, "--until")
     if since is not None and until is not None and since > until:
         raise ValueError(f"--since ({since.isoformat()}) is after --until ({until.isoformat()})")
     return Query(
@@ -139,13 +147,19 @@ def build_query(args: argparse.Namespace, now: datetime) -> Query:
 
 
 def matches(obj: Json, q: Query) -> bool:
-    """Every filter except ``--record`` (the verdict needs lines that do not cover the record)."""
+    """Every filter except ``--record`` (search() applies that one, as the verdict sees every line)."""
     return (
         _level_ok(obj, q.min_level)
-        and (not q.events or obj.get("event") in q.events)
+        and _event_ok(obj, q.events)
         and _time_ok(obj, q.since, q.until)
         and all(field_equals(obj, key, want) for key, want in q.where)
     )
+
+
+def _event_ok(obj: Json, events: frozenset[str]) -> bool:
+    # ECS-style logs carry an object in "event": unhashable, and never a match.
+    event = obj.get("event")
+    return not events or (isinstance(event, str) and event in events)
 
 
 def _level_ok(obj: Json, min_level: int | None) -> bool:
@@ -188,8 +202,8 @@ def _lookup(obj: Json, key: str) -> tuple[bool, Any]:
     for part in key.split("."):  # dotted keys: offsets.3, offsets.3.0
         if isinstance(current, dict) and part in current:
             current = current[part]
-        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
-            current = current[int(part)]
+        elif isinstance(current, list) and (index := _decimal(part)) is not None and index < len(current):
+            current = current[index]
         else:
             return False, None
     return True, current
@@ -207,7 +221,7 @@ def _equal(value: Any, want: str) -> bool:
         return number is not None and value == number
     try:
         return bool(json.loads(want) == value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -220,12 +234,20 @@ def _as_number(text: str) -> int | float | None:
     return None
 
 
+def _decimal(text: str) -> int | None:
+    # isdigit() lets "²" through to int(); isdecimal() does not, and int() still refuses over 4300 digits.
+    if not text.isdecimal():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
+    return _decimal(value) if isinstance(value, str) else None
 
 
 def _partition_range(offsets: Any, partition: int) -> tuple[int, int] | None:
@@ -419,6 +441,15 @@ def _parse(raw: bytes) -> Json | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _parse_line(raw: bytes) -> tuple[bytes, Json] | None:
+    """The line's JSON text and object; a `docker compose logs` prefix is dropped (so --json feeds jq)."""
+    obj = _parse(raw)
+    if obj is None and (m := _COMPOSE_PREFIX.match(raw)):
+        raw = raw[m.end():]
+        obj = _parse(raw)
+    return None if obj is None else (raw, obj)
+
+
 # --- the search -------------------------------------------------------------------------------
 
 
@@ -430,19 +461,19 @@ def search(
     verdict = Verdict(q.record) if q.record is not None else None
     for name, stream in inputs:
         for raw in _lines(stream, name):
-            obj = _parse(raw) if raw is not None else None
-            if raw is None or obj is None:
+            parsed = _parse_line(raw) if raw is not None else None
+            if raw is None or parsed is None:
                 # Blank lines are not garbage, just spacing (e.g. a trailing newline pair).
                 stats.garbage += raw is None or bool(raw.strip())
                 continue
-            if not matches(obj, q):
-                continue
-            hit = q.record is None or covers(obj, q.record)
+            text, obj = parsed
+            covering = q.record is None or covers(obj, q.record)
             if verdict is not None:
-                verdict.observe(obj, hit)
-            if hit:
+                # Before the other filters: --level warning must not hide the info-level batch_committed.
+                verdict.observe(obj, covering)
+            if covering and matches(obj, q):
                 stats.matched += 1
-                _emit(out, raw if as_json else format_line(obj).encode(), flush_each)
+                _emit(out, text if as_json else format_line(obj).encode(), flush_each)
     if verdict is not None and not as_json:
         out.write(verdict.render().encode())
     return stats

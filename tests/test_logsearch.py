@@ -130,6 +130,32 @@ def test_time_filter_drops_lines_without_a_readable_time(
     assert events_of(search(capsysbinary, str(log), "--since", "2026-01-01")[1]) == ["b"]
 
 
+def test_a_field_of_an_unexpected_type_does_not_match(
+    capsysbinary: pytest.CaptureFixture[bytes], tmp_path: Path
+) -> None:
+    # ECS-format logs carry an object in "event": it must not crash the set lookup.
+    ecs = json.dumps({"timestamp": "2026-11-28T06:00:00Z", "level": "info", "event": {"action": "retrying"}})
+    log = write_log(tmp_path / "s.log", [ecs, line("retrying")])
+    rc, out, _ = search(capsysbinary, str(log), "--event", "retrying")
+    assert rc == 0
+    assert events_of(out) == ["retrying"]
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u00b2\u00b3", "9" * 5000])
+def test_odd_digit_strings_never_crash(
+    capsysbinary: pytest.CaptureFixture[bytes], tmp_path: Path, value: str
+) -> None:
+    # "²".isdigit() is True but int("²") raises; 5000 digits exceed int()'s string limit.
+    log = write_log(tmp_path / "s.log", [
+        line("a", topic=TOPIC, partition=value, offset=value, offsets={"3": [value, value]}, l=[1, 2]),
+        line("b", topic=TOPIC, partition=3, offset=1),
+    ])
+    assert search(capsysbinary, str(log), "--where", f"l.{value}=1")[0] == 1
+    rc, out, _ = search(capsysbinary, str(log), "--record", f"{TOPIC}:3:1")
+    assert rc == 0
+    assert events_of(out) == ["b"]
+
+
 # --- --record ---------------------------------------------------------------------------------
 
 
@@ -242,6 +268,34 @@ def test_record_with_json_passes_lines_without_a_verdict(
     assert out == "".join(f"{x}\n" for x in STORY[1:4])
 
 
+@pytest.mark.parametrize("other", [
+    ["--level", "warning"],
+    ["--event", "record_rejected"],
+    ["--until", "2026-11-28T06:01:00Z"],
+    ["--where", "stage=validate"],
+])
+def test_record_verdict_sees_lines_the_other_filters_hide(
+    capsysbinary: pytest.CaptureFixture[bytes], story: Path, other: list[str]
+) -> None:
+    # The printed lines obey every filter; the verdict is about the record, so it reads them all.
+    rc, out, _ = search(capsysbinary, str(story), "--record", f"{TOPIC}:3:12346", *other)
+    assert rc == 0
+    assert events_of(out) == ["record_rejected"]
+    assert [x.split()[0] for x in verdict(out)] == ["DLQ'd", "written", "committed"]
+
+
+def test_record_verdict_when_the_other_filters_hide_every_covering_line(
+    capsysbinary: pytest.CaptureFixture[bytes], story: Path
+) -> None:
+    rc, out, _ = search(capsysbinary, str(story), "--record", f"{TOPIC}:3:12345", "--level", "warning")
+    assert rc == 1
+    assert events_of(out) == []
+    assert verdict(out) == [
+        "inserted   2026-11-28T06:01:02.123456Z  batch_id=17",
+        "committed  2026-11-28T06:01:02.200000Z  batch_id=17",
+    ]
+
+
 # --- output -----------------------------------------------------------------------------------
 
 
@@ -327,6 +381,25 @@ def test_gzipped_stdin(capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: 
     assert events_of(search(capsysbinary, "-")[1]) == ["zipped"]
 
 
+def test_docker_compose_logs_prefix_is_tolerated(
+    capsysbinary: pytest.CaptureFixture[bytes], tmp_path: Path
+) -> None:
+    log = tmp_path / "compose.log"
+    log.write_bytes(b"".join([
+        f"sink-1  | {line('retrying', level='warning', partition=3)}\n".encode(),
+        f"my_project.sink-12 |{line('ignored', level='warning')}\n".encode(),  # no space after '|': not compose
+        f"sink 1 | {line('ignored', level='warning')}\n".encode(),  # a space inside the name: not compose
+        b"sink-1  | Traceback (most recent call last):\n",
+    ]))
+    rc, out, err = search(capsysbinary, str(log), "--level", "warning", "--where", "partition=3")
+    assert rc == 0
+    assert events_of(out) == ["retrying"]
+    assert "skipped 3 garbage line(s)" in err
+    # --json feeds jq: the prefix is dropped.
+    _, out, _ = search(capsysbinary, str(log), "--json", "--event", "retrying")
+    assert out == f"{line('retrying', level='warning', partition=3)}\n"
+
+
 # --- exit status ------------------------------------------------------------------------------
 
 
@@ -344,6 +417,10 @@ def test_exit_1_when_nothing_matches(capsysbinary: pytest.CaptureFixture[bytes],
     (["--record", ":3:1"], "TOPIC:PARTITION:OFFSET"),
     (["--level", "loud"], "debug, info, warning, error, critical"),
     (["--since", "1h", "--until", "2h"], "--since"),
+    (["--since", "1000000d"], "argument --since: out of range"),
+    (["--until", "1000000d"], "argument --until: out of range"),
+    (["--since", "99999999999999d"], "argument --since: out of range"),
+    (["--until", "1" * 400 + "s"], "argument --until: out of range"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_exit_2_on_bad_arguments_with_a_clear_message(
