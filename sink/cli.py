@@ -8,14 +8,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_never, wait_exponential_jitter
 
 from sink import __version__
 from sink.errors import FatalError, RetryableError, SinkError, classify_db_error, classify_kafka_error
 from sink.logs import configure_logging, get_logger
 from sink.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from sink.health import HealthState
 
 log = get_logger("sink.cli")
 T = TypeVar("T")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return run(settings)
         if args.command == "migrate":
-            _migrate(settings, lambda: False)
+            _migrate(settings, lambda: False, None)
             return EXIT_OK
         if args.command == "demo":
             from sink.demo import produce
@@ -117,7 +120,11 @@ def run(settings: Settings) -> int:
     metrics, health = Metrics(), HealthState()
     health.turn()
     if settings.metrics_port:
-        serve(settings.metrics_host, settings.metrics_port, health, metrics)
+        try:
+            serve(settings.metrics_host, settings.metrics_port, health, metrics)
+        except OSError as e:  # the port is taken or privileged, or the host does not resolve
+            raise FatalError(f"cannot serve metrics on METRICS_HOST={settings.metrics_host}:"
+                             f"METRICS_PORT={settings.metrics_port}: {e}") from e
         log.info("metrics_listening", port=settings.metrics_port)
 
     def stop_requested() -> bool:
@@ -125,15 +132,15 @@ def run(settings: Settings) -> int:
         return stopping["now"]
 
     if settings.run_migrations:
-        _migrate(settings, stop_requested)
+        _migrate(settings, stop_requested, health)
     writer = PgWriter(settings.conninfo())
     spare_writer = PgWriter(settings.conninfo())  # a second connection: two batches' writes overlap
-    _startup_retry("db_connect", writer.connect, stop_requested)
-    _startup_retry("db_connect", spare_writer.connect, stop_requested)
+    _startup_retry("db_connect", writer.connect, stop_requested, settings)
+    _startup_retry("db_connect", spare_writer.connect, stop_requested, settings)
     if stopping["now"]:
         return EXIT_OK
     health.db_ok = True
-    dlq_max_bytes = _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested)
+    dlq_max_bytes = _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested, settings)
     if dlq_max_bytes is None:  # stop requested
         return EXIT_OK
 
@@ -143,7 +150,7 @@ def run(settings: Settings) -> int:
         committer = TransactionalCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
     else:
         committer = PlainCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
-    _startup_retry("init_transactions", committer.prepare, stop_requested)
+    _startup_retry("init_transactions", committer.prepare, stop_requested, settings)
     breaker = DlqBreaker(DlqBreakerPolicy(enabled=settings.dlq_breaker_enabled, ratio=settings.dlq_breaker_ratio,
                                           window=settings.dlq_breaker_window,
                                           consecutive=settings.dlq_breaker_consecutive))
@@ -169,7 +176,7 @@ def run(settings: Settings) -> int:
     return EXIT_OK
 
 
-def _migrate(settings: Settings, stop_requested: Callable[[], bool]) -> None:
+def _migrate(settings: Settings, stop_requested: Callable[[], bool], health: HealthState | None) -> None:
     from sink.migrations import MigrationError, migrate
 
     def attempt() -> None:
@@ -186,11 +193,20 @@ def _migrate(settings: Settings, stop_requested: Callable[[], bool]) -> None:
                 raise classify_db_error(e, "migrate") from e
             raise
 
-    _startup_retry("migrate", attempt, stop_requested)
+    if health is not None:
+        health.migrating = True  # /healthz stays 200 through a long migration statement
+    try:
+        _startup_retry("migrate", attempt, stop_requested, settings)
+    finally:
+        if health is not None:
+            health.migrating = False
+            health.turn()
 
 
-def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[], bool]) -> T | None:
-    """Retry a startup step while the database/broker is unreachable; stop on SIGTERM."""
+def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[], bool],
+                   settings: Settings) -> T | None:
+    """Retry a startup step while the database/broker is unreachable (RETRY_* settings, as the
+    loop's retries); stop on SIGTERM."""
 
     def sleep(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -202,23 +218,30 @@ def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[],
         log.warning("retrying", cause=cause, attempt=state.attempt_number,
                     delay_s=round(state.next_action.sleep, 2) if state.next_action else 0, reason=str(exc))
 
-    retrying = Retrying(retry=retry_if_exception_type(RetryableError), stop=stop_never,
-                        wait=wait_exponential_jitter(multiplier=0.5, max=15), sleep=sleep, before_sleep=before_sleep,
-                        reraise=True)
-    for attempt in retrying:
-        if stop_requested():
-            return None
-        with attempt:
-            try:
-                return fn()
-            except SinkError:
-                raise
-            except Exception as e:
-                from confluent_kafka import KafkaException
+    attempts = settings.retry_max_attempts
+    retrying = Retrying(retry=retry_if_exception_type(RetryableError),
+                        stop=stop_after_attempt(attempts) if attempts else stop_never,
+                        wait=wait_exponential_jitter(multiplier=settings.retry_initial_backoff,
+                                                     max=settings.retry_max_backoff,
+                                                     jitter=settings.retry_initial_backoff),
+                        sleep=sleep, before_sleep=before_sleep, reraise=True)
+    try:
+        for attempt in retrying:
+            if stop_requested():
+                return None
+            with attempt:
+                try:
+                    return fn()
+                except SinkError:
+                    raise
+                except Exception as e:
+                    from confluent_kafka import KafkaException
 
-                if isinstance(e, KafkaException):
-                    raise classify_kafka_error(e.args[0] if e.args else None, cause) from e
-                raise
+                    if isinstance(e, KafkaException):
+                        raise classify_kafka_error(e.args[0] if e.args else None, cause) from e
+                    raise
+    except RetryableError as e:  # RETRY_MAX_ATTEMPTS used up
+        raise FatalError(f"{cause} failed after {attempts} attempts: {e}") from e
     return None
 
 

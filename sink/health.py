@@ -15,9 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sink.metrics import Metrics
 
-# The loop turns at least every poll timeout (0.5 s), also while retrying; a minute without a
-# turn means it is stuck (e.g. a hung call) and the container should be restarted.
-LOOP_STALL_SECONDS = 60.0
+# The loop turns at least every poll timeout (0.5 s), also between retries.  It blocks longer
+# only inside one database statement (the writer's statement_timeout, 120 s; a dead connection
+# is found by TCP keepalives within ~60-90 s) or one Kafka commit (the watchdog's 90 s): three
+# minutes without a turn means it is stuck (a hung call), and the container should be restarted.
+LOOP_STALL_SECONDS = 180.0
 
 
 @dataclass
@@ -30,18 +32,21 @@ class HealthState:
     assigned: int = 0
     stopping: bool = False
     fatal: str | None = None
+    # Startup migrations run: one statement may take long (e.g. moving rows into chunks), and
+    # killing the process would only start it over.  Alive, not ready.
+    migrating: bool = False
 
     def turn(self) -> None:
         self.last_turn = time.monotonic()
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
         age = time.monotonic() - self.last_turn
-        ok = self.fatal is None and age < LOOP_STALL_SECONDS
-        return ok, {"loop_age_s": round(age, 3), "fatal": self.fatal}
+        ok = self.fatal is None and (self.migrating or age < LOOP_STALL_SECONDS)
+        return ok, {"loop_age_s": round(age, 3), "fatal": self.fatal, "migrating": self.migrating}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         alive, info = self.alive()
-        ok = alive and self.db_ok and self.broker_ok and not self.stopping
+        ok = alive and self.db_ok and self.broker_ok and not self.stopping and not self.migrating
         return ok, {**info, "db": self.db_ok, "kafka": self.broker_ok, "assigned_partitions": self.assigned,
                     "stopping": self.stopping}
 

@@ -12,8 +12,9 @@
    policies wherever they differ from the settings.
 
 Values from settings reach SQL only as quoted literals (psycopg ``sql.Literal``) or bound
-parameters.  Connection-class errors (SQLSTATE 08/40/53/57, or no SQLSTATE) propagate as
-psycopg errors for the caller to retry; everything else fatal is a ``MigrationError``.
+parameters.  Connection-class errors (SQLSTATE 08/40/53/57/58, or no SQLSTATE) and lock
+timeouts (55P03, after LOCK_TIMEOUT) propagate as psycopg errors for the caller to retry;
+everything else fatal is a ``MigrationError``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 _REQUIRES = re.compile(r"^--\s*requires:\s*(.+?)\s*$")
 # psql variable syntax, :'name' -> quoted literal; the look-behind leaves "::" casts alone.
 _VARIABLE = re.compile(r"(?<!:):'([A-Za-z_][A-Za-z0-9_]*)'")
-_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# lock_not_available: a lock not granted within LOCK_TIMEOUT; the caller retries later.
+_TRANSIENT_SQLSTATES = frozenset({"55P03"})
+# A migration's DDL waits for its table lock behind every open transaction on the table (a long
+# dashboard query), and every writer queues behind the waiting DDL: give up after a few
+# seconds and retry, rather than stall the writers.  Also bounds the wait for the advisory lock
+# of a replica that is migrating (retried the same way).
+LOCK_TIMEOUT = "5s"
 
 
 class MigrationError(RuntimeError):
@@ -232,6 +240,7 @@ def migrate(settings: Settings) -> MigrationReport:
     skipped: list[str] = []
     with psycopg.connect(settings.conninfo(), autocommit=True) as conn:
         try:
+            conn.execute(sql.SQL("SET lock_timeout = {}").format(LOCK_TIMEOUT))
             # Step 1.
             _validate(conn, policies)
             # Step 2.
@@ -475,7 +484,7 @@ def _scalar(conn: psycopg.Connection[Any], query: str, params: list[Any] | None 
 def _transient(e: psycopg.Error) -> bool:
     if e.sqlstate is None:
         return isinstance(e, psycopg.OperationalError | psycopg.InterfaceError)
-    return e.sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return e.sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or e.sqlstate in _TRANSIENT_SQLSTATES
 
 
 def _describe(e: psycopg.Error) -> str:

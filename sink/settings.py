@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     kafka_transactional_id: str = ""
 
     # --- Database
-    timescale_host: str = "timescaledb"
+    timescale_host: str = Field("timescaledb", min_length=1)  # empty would mean a Unix socket
     timescale_port: int = Field(5432, ge=1, le=65535)
     timescale_db: str = "timeseries"
     timescale_user: str = "ts_user"

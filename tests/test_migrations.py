@@ -8,11 +8,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
 from dev import services, testkit
 from sink import migrations
+from sink.errors import RetryableError, classify_db_error
 from sink.migrations import (
     MigrationError,
     MigrationReport,
@@ -342,3 +344,27 @@ def test_policy_is_reset_only_when_it_differs_from_the_setting(
     assert conn.executed == expected
     changes = [(e["policy"], e["value"]) for e in logs if e["event"] == "timescale_policy_set"]
     assert changes == ([("retention", want or "off")] if expected else [])
+
+
+def test_a_lock_not_granted_in_time_is_a_retryable_error_not_a_wait_for_ever(schema: str) -> None:
+    # Another replica migrating (or DDL queued behind a long reader) holds what a migration needs:
+    # give up after LOCK_TIMEOUT and let the caller retry, instead of waiting with every writer
+    # queued behind it.
+    migrate(settings_for(schema))
+    outcome: list[BaseException | MigrationReport] = []
+    with testkit.connect(schema) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [f"kafka-timescale-sink:schema:{schema}"])
+
+        def run() -> None:
+            try:
+                outcome.append(migrate(settings_for(schema)))
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout=30)
+        assert outcome, "migrate() still waiting for the lock after 30 s"
+    (err,) = outcome
+    assert isinstance(err, psycopg.Error) and err.sqlstate == "55P03"  # not a MigrationError: retried
+    assert isinstance(classify_db_error(err, "migrate"), RetryableError)

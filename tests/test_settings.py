@@ -161,3 +161,7 @@ def test_password_is_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -
     s = load_settings()
     assert PASSWORD not in repr(s)
     assert PASSWORD not in str(s)
+
+
+def test_an_empty_database_host_is_refused_not_taken_for_a_unix_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "TIMESCALE_HOST" in config_error(monkeypatch, TIMESCALE_HOST="")
