@@ -174,6 +174,7 @@ class Pipeline:
         self._write_thread = ThreadPoolExecutor(len(self._writers), thread_name_prefix="sink-write")
         self._held: list[SourceRecord] = []
         self._stop_requested = False
+        self._stop_logged = False
         self._stop_deadline = float("inf")
         self._last_db_activity = clock()
         self._last_gauges = 0.0
@@ -184,10 +185,18 @@ class Pipeline:
 
     def request_stop(self) -> None:
         """Finish the current batch (bounded by shutdown_timeout), commit, and return from run()."""
+        # Called from a signal handler: set flags only.  Logging here could deadlock, the
+        # handler interrupting this thread inside the logger's (non-reentrant) lock; the loop
+        # logs shutdown_requested when it sees the flag.
         if not self._stop_requested:
             self._stop_requested = True
             self._stop_deadline = self._clock() + self.cfg.shutdown_timeout
             self.health.stopping = True
+
+    def _note_stop(self) -> None:
+        """Log the stop request once, from the loop (see request_stop)."""
+        if self._stop_requested and not self._stop_logged:
+            self._stop_logged = True
             log.info("shutdown_requested", timeout_s=self.cfg.shutdown_timeout)
 
     def run(self) -> None:
@@ -195,6 +204,7 @@ class Pipeline:
         try:
             while not self._stop_requested:
                 self.step()
+            self._note_stop()
             self._drain()
         except ShutdownExpired as e:
             log.warning("shutdown_timeout", reason=str(e))
@@ -501,6 +511,8 @@ class Pipeline:
         end = self._clock() + seconds
         while True:
             self.health.turn()
+            self._update_gauges()  # lag and broker state go on being reported through an outage
+            self._note_stop()
             left = end - self._clock()
             if left <= 0 or self._shutdown_expired():
                 return
@@ -522,9 +534,11 @@ class Pipeline:
         for tp in gone:
             self._committed.pop(tp, None)
             self.metrics.forget_partition(*tp)
-        # What is dropped, per partition, so `logs search --record` can say "discarded".
+        # What is dropped, per partition, so `logs search --record` can say "discarded": not the
+        # batches already written (their rows are in; only their commit is left to the new owner).
+        written = {id(b) for b, _ in self._pending}
         offsets: dict[str, list[int]] = {}
-        for batch in (*self._inflight, self.batcher.batch):
+        for batch in (*(b for b in self._inflight if id(b) not in written), self.batcher.batch):
             for tp, (first, last) in batch.ranges.items():
                 if tp in gone:
                     old = offsets.get(str(tp[1]))

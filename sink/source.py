@@ -88,6 +88,7 @@ class KafkaSource:
     def _assigned(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("partitions_assigned", topic=self.topic, partitions=sorted(p for _, p in tps))
+        self.broker_up = True  # the group coordinator just answered
         # librdkafka keeps a partition's pause flag across revoke/assign: set it explicitly, or
         # a partition paused during an outage and handed back later would never be read again.
         if partitions:
@@ -124,8 +125,10 @@ class KafkaSource:
     def _on_stats(self, stats_json: str) -> None:
         try:
             stats = json.loads(stats_json)
-            self.broker_up = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values()
-                                 if b.get("nodeid", -1) >= 0) or self.broker_up
+            # Every 5 s (statistics.interval.ms): whether a broker connection is up, either way.
+            states = [b.get("state") for b in stats.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
+            if states:
+                self.broker_up = "UP" in states
         except (ValueError, AttributeError, TypeError):
             pass
 
@@ -156,7 +159,8 @@ class KafkaSource:
             headers: Any = m.headers()
             append(_new_record(SourceRecord, (m.topic(), m.partition(), m.offset(), m.key(), m.value(),
                                               tuple(headers) if headers else (), ts if ts_type else None)))
-        self.broker_up = True if msgs or self.consumer.assignment() else self.broker_up
+        if msgs:  # a fetch answered; an assignment alone says nothing about the broker now
+            self.broker_up = True
         self.last_ok = time.monotonic()
         return out
 

@@ -9,6 +9,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
 from sink.envelope import DlqRecord, parse_headers
@@ -480,3 +481,51 @@ def test_a_breaker_trip_still_commits_the_batches_written_before_the_tripping_on
     assert events.index("write:10") < events.index("commit:0")  # committed on the way out
     assert committer.offsets == {(TOPIC, 0): 10}  # the good batch, not the tripping one
     assert committer.dlq == []
+
+
+def test_gauges_and_readiness_follow_the_broker_through_a_database_outage() -> None:
+    p, source, writer, committer, _, _ = make([rec(0, i, good(i)) for i in range(5)])
+    writer.fail_next = 4
+    seen: list[bool] = []
+    inner = writer.write
+
+    def write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
+              after_insert: Callable[[], None] | None = None) -> WriteResult:
+        seen.append(p.health.broker_ok)
+        return inner(rows, before_insert, after_insert)
+
+    writer.write = write  # type: ignore[method-assign]
+
+    def broker_gone() -> None:
+        if source.paused:  # retrying the write, consumption paused
+            source.broker_up = False
+
+    source.hooks.append(broker_gone)
+    run_until(p, lambda: bool(committer.offsets))
+    assert seen[0] is True and seen[-1] is False  # /readyz and sink_kafka_connected saw it mid-outage
+    assert p.metrics.broker_up._value.get() == 0
+
+
+def test_a_revoke_does_not_call_a_written_batch_discarded() -> None:
+    records = ([rec(0, i, good(i)) for i in range(10)] + [rec(1, i, good(100 + i)) for i in range(10)]
+               + [rec(0, i, good(i)) for i in range(10, 15)])
+    p, source, _, _, _, _ = make(records)
+    # Partition 0's first batch written (not committed), partition 1's being written, and
+    # partition 0's next records in the open batch.
+    run_until(p, lambda: bool(p._pending and p._writing and len(p.batcher.batch)))
+    with capture_logs() as logs:
+        source.revoke([(TOPIC, 0)])
+    (discarded,) = [e for e in logs if e["event"] == "batch_discarded"]
+    assert discarded["offsets"] == {"0": [10, 14]}  # not 0..9: those rows are in, only their commit moved
+
+
+def test_a_stop_request_logs_nothing_itself_and_the_loop_says_it() -> None:
+    p, _, _, committer, _, _ = make([rec(0, i, good(i)) for i in range(3)], batch_size=100)
+    p.step()
+    with capture_logs() as logs:
+        p.request_stop()  # what a signal handler calls: logging there could deadlock
+    assert logs == []
+    with capture_logs() as logs:
+        p.run()
+    assert [e["event"] for e in logs].count("shutdown_requested") == 1
+    assert committer.offsets == {(TOPIC, 0): 3}

@@ -1,9 +1,10 @@
-"""KafkaSource.consume: which errors librdkafka reports among the consumed messages stop the
-sink (an ACL only the operator can fix) and which are warned about while the records around
-them are kept (a topic not created yet)."""
+"""KafkaSource: which errors librdkafka reports among the consumed messages stop the sink (an
+ACL only the operator can fix) and which are warned about while the records around them are
+kept (a topic not created yet); and what says whether the broker is up."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,3 +77,20 @@ def test_an_authorization_error_stops_the_sink(source: KafkaSource) -> None:
 def test_a_transient_error_is_warned_about_and_the_records_around_it_kept(source: KafkaSource) -> None:
     source.consumer = Consumer([Msg(0), Msg(0, KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "not yet")), Msg(1)])
     assert [r.offset for r in source.consume(10, 0.1)] == [0, 1]
+
+
+def test_broker_state_follows_the_statistics_both_ways_and_an_assignment_alone_proves_nothing(
+        source: KafkaSource) -> None:
+    # /readyz and sink_kafka_connected read broker_up: it must fall when the brokers are gone.
+    source.consumer = Consumer([])
+    source._on_stats(json.dumps({"brokers": {"b1": {"nodeid": 1, "state": "UP"}}}))
+    assert source.broker_up
+    source._on_stats(json.dumps({"brokers": {"b1": {"nodeid": 1, "state": "DOWN"},
+                                             "bootstrap": {"nodeid": -1, "state": "UP"}}}))
+    assert not source.broker_up
+    source.consumer.assignment = lambda: [object()]  # type: ignore[method-assign]  # partitions still assigned
+    source.consume(10, 0.1)  # nothing fetched
+    assert not source.broker_up
+    source.consumer = Consumer([Msg(0)])
+    source.consume(10, 0.1)  # a fetch answered
+    assert source.broker_up
