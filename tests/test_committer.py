@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +32,6 @@ class NoOffsets:
         raise AssertionError("a transactional committer never commits offsets on the consumer")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
-
 
 def test_prepare_registers_the_producer_and_the_first_transaction_commits(infra: None, topic: str) -> None:
     committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
@@ -53,7 +47,7 @@ def test_prepare_registers_the_producer_and_the_first_transaction_commits(infra:
 
 
 def test_prepare_against_an_unreachable_broker_is_retryable(infra: None) -> None:
-    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=f"127.0.0.1:{_closed_port()}"),
+    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=f"127.0.0.1:{testkit.closed_port()}"),
                                        NoOffsets(), "nowhere.dlq", timeout=2.0)
     with pytest.raises(RetryableError):
         committer.prepare()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 import dlq.inspect
-from dev import services
+from dev import services, testkit
 from dlq.cli import main
 from dlq.filters import build_filter
 from dlq.inspect import DlqStats
@@ -180,11 +179,6 @@ def test_inspect_mixes_failure_times_with_and_without_offset() -> None:
 # --------------------------------------------------------------------------- 3. inspect, Kafka down
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
-
 
 def test_inspect_with_kafka_unreachable_exits_1_with_a_one_line_message(monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,7 +187,7 @@ def test_inspect_with_kafka_unreachable_exits_1_with_a_one_line_message(monkeypa
     for k in list(os.environ):
         if k.startswith(("KAFKA_", "TIMESCALE_", "RETRY_", "LOG_")):
             monkeypatch.delenv(k)
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{testkit.closed_port()}")
     # The metadata timeout is 15 s; a second is enough to see the broker is not there.
     monkeypatch.setattr(dlq.inspect, "capture_plan", functools.partial(capture_plan, timeout=1.0))
     assert main(["inspect", "--json"]) == 1
