@@ -17,9 +17,8 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
@@ -109,13 +108,12 @@ def _too_large(err: Any) -> bool:
     return err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
 
 
-def lower_limit(limit: int, dlq: Sequence[DlqRecord]) -> int:
-    """The broker refused a DLQ record of this batch as too large although it fit `limit`: the
-    topic takes less than known (its config could not be read).  A limit below the batch's
-    largest record as sent, so the retry sends that one without its value (and the next retry
-    the next one, if another is still too large): no retrying for ever over a record's size."""
-    largest = max((record_bytes(fit_record(r, limit)) for r in dlq), default=limit)
-    lowered = max(_MIN_RECORD_LIMIT, min(limit, largest - 1))
+def lower_limit(limit: int) -> int:
+    """The broker refused DLQ records as too large although they fit `limit`: the topic takes
+    less than known (its config could not be read).  Half of it, for the records and the
+    producer's batches (a batch of records that fit alone can be refused as a whole): a few
+    retries find a limit the topic takes, and no record is retried for ever over its size."""
+    lowered = max(_MIN_RECORD_LIMIT, limit // 2)
     log.warning("dlq_limit_lowered", limit_bytes=lowered, previous_limit_bytes=limit,
                 hint="the DLQ topic takes less than its max.message.bytes was read or assumed to be")
     return lowered
@@ -211,8 +209,13 @@ class TransactionalCommitter:
             if err is not None and err.txn_requires_abort():
                 self._abort(p)
             if _too_large(err) or any(map(_too_large, refused)):
-                self._limit = lower_limit(self._limit, dlq)
+                self._lower_limit()
             raise self._classify(err, "dlq_commit") from e
+
+    def _lower_limit(self) -> None:
+        self._dlq_max_bytes = lower_limit(self._limit)
+        self._limit = record_limit(producer_config(self._settings, True, self._dlq_max_bytes), self._dlq_max_bytes)
+        self._drop_producer()  # the next one batches under the new limit
 
     def _produce(self, p: Producer, rec: DlqRecord, refused: list[Any]) -> None:
         def on_delivery(err: Any, _msg: Any) -> None:
@@ -266,12 +269,11 @@ class _Work:
     they carry (their failed_at header differs between retries of the same batch)."""
 
     offsets: frozenset[tuple[TP, int]]
-    dlq: Counter[tuple[bytes | None, bytes | None, tuple[tuple[str, bytes | None], ...]]]
+    dlq: Counter[_Origin]
 
     @classmethod
     def of(cls, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> _Work:
-        return cls(frozenset(offsets.items()),
-                   Counter((r.key, r.value, tuple(h for h in r.headers if h[0] in _ORIGIN)) for r in dlq))
+        return cls(frozenset(offsets.items()), Counter(map(_origin, dlq)))
 
     def within(self, other: _Work) -> bool:
         """Everything of this is in `other` (the same batches, or fewer after a revoke)."""
@@ -279,6 +281,12 @@ class _Work:
 
 
 _ORIGIN = frozenset({H_TOPIC, H_PARTITION, H_OFFSET})
+_Origin = tuple[bytes | None, bytes | None, tuple[tuple[str, bytes | None], ...]]
+
+
+def _origin(rec: DlqRecord) -> _Origin:
+    """A DLQ record without what changes between retries of its batch (failed_at)."""
+    return rec.key, rec.value, tuple(h for h in rec.headers if h[0] in _ORIGIN)
 
 
 _FENCED = frozenset({KafkaError._FENCED, getattr(KafkaError, "PRODUCER_FENCED", -1),
@@ -291,25 +299,43 @@ class PlainCommitter:
         self._source = source
         self._topic = dlq_topic
         self._timeout = timeout
+        self._settings = settings
         conf = producer_config(settings, transactional=False, dlq_max_bytes=dlq_max_bytes)
         self._limit = record_limit(conf, dlq_max_bytes)
         self._producer = Producer(conf)
+        # The batch whose complete() failed, and its DLQ records acknowledged so far.
+        self._retrying: tuple[_Work, Counter[_Origin]] | None = None
 
     def prepare(self) -> None:
         """Nothing to set up: a plain producer connects on its first record."""
 
     def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None:
-        """Produce DLQ records, wait for every ack, then commit offsets."""
+        """Produce DLQ records, wait for every ack, then commit offsets.  A retry of the same
+        batch (the pipeline's, after a failure here) does not produce again what was acknowledged."""
+        work = _Work.of(dlq, offsets)
+        if self._retrying is None or self._retrying[0] != work:
+            self._retrying = (work, Counter())
+        acked = self._retrying[1]
         errors: list[Any] = []
 
-        def on_ack(err: Any, _msg: Any) -> None:
-            if err is not None:
-                errors.append(err)
+        def on_ack(origin: _Origin) -> Callable[[Any, Any], None]:
+            def ack(err: Any, _msg: Any) -> None:
+                if err is None:
+                    acked[origin] += 1
+                else:
+                    errors.append(err)
+            return ack
 
-        for rec in map(fit, dlq, repeat(self._limit)):
+        todo = Counter(acked)
+        for rec in dlq:
+            origin = _origin(rec)
+            if todo[origin]:  # acknowledged in an earlier attempt
+                todo[origin] -= 1
+                continue
+            rec = fit(rec, self._limit)
             try:
                 produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key,
-                                headers=list(rec.headers), on_delivery=on_ack)
+                                headers=list(rec.headers), on_delivery=on_ack(origin))
             except KafkaException as e:
                 raise classify_kafka_error(_kafka_error(e), "dlq_publish") from e
         if dlq:
@@ -318,10 +344,14 @@ class PlainCommitter:
                 raise RetryableError("dlq_publish", f"{left} DLQ records not acknowledged in {self._timeout}s")
             if errors:
                 if any(map(_too_large, errors)):
-                    self._limit = lower_limit(self._limit, dlq)
+                    dlq_max_bytes = lower_limit(self._limit)
+                    conf = producer_config(self._settings, transactional=False, dlq_max_bytes=dlq_max_bytes)
+                    self._limit = record_limit(conf, dlq_max_bytes)
+                    self._producer = Producer(conf)  # batches under the new limit (the old one is drained)
                 raise classify_kafka_error(errors[0], "dlq_publish")
             log.debug("dlq_published", topic=self._topic, dlq=len(dlq))
         self._source.commit(offsets)
+        self._retrying = None
 
     def close(self) -> None:
         self._producer.flush(5)

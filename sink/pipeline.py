@@ -537,6 +537,7 @@ class Pipeline:
         # What is dropped, per partition, so `logs search --record` can say "discarded": not the
         # batches already written (their rows are in; only their commit is left to the new owner).
         written = {id(b) for b, _ in self._pending}
+        written.update(id(w.batch) for w in self._writing if w.future.done() and w.future.exception() is None)
         offsets: dict[str, list[int]] = {}
         for batch in (*(b for b in self._inflight if id(b) not in written), self.batcher.batch):
             for tp, (first, last) in batch.ranges.items():

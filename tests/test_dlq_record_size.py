@@ -128,15 +128,43 @@ def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_re
     try:
         with pytest.raises(RetryableError):  # transactional: may name a later error of the aborted transaction
             committer.complete([small, big], {})
-        for attempt in range(5):  # the pipeline's retries: the large one without its value
-            try:
-                committer.complete([small, big], {})
-                break
-            except RetryableError:  # transactional: the aborted transaction's epoch bump, once
-                assert attempt < 4
-                time.sleep(0.5)
+        _retry(lambda: committer.complete([small, big], {}))  # the pipeline's retries
     finally:
         committer.close()
     got = {r.key: r for r in testkit.read_all(dlq_topic)}
     assert got[b"k"].value is None and got[b"k"].headers[H_DROPPED] == b"value"
     assert got[b"k2"].value == b"fits"
+
+
+@pytest.mark.parametrize("committer_class", [TransactionalCommitter, PlainCommitter])
+def test_records_that_fit_alone_keep_their_values_when_their_batch_was_refused(
+        dlq_topic: str, committer_class: Any) -> None:
+    # Five 30 kB records fit a 100 kB topic one by one, not in one producer batch.
+    adm = testkit.admin()
+    for fut in adm.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1,
+                                           config={"max.message.bytes": "100000"})]).values():
+        fut.result(timeout=30)
+    testkit.wait_topic_ready(dlq_topic, 1)
+    committer = committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
+                                timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+    rnd = random.Random(6)
+    records = [DlqRecord(f"k{i}".encode(), rnd.randbytes(30_000), ((H_TOPIC, b"in"), (H_OFFSET, str(i).encode())))
+               for i in range(5)]
+    try:
+        _retry(lambda: committer.complete(records, {}))
+    finally:
+        committer.close()
+    got = sorted((r.key, r.value) for r in testkit.read_all(dlq_topic))
+    assert got == [(r.key, r.value) for r in records]  # whole, each once
+
+
+def _retry(fn: Any, attempts: int = 12) -> None:
+    """As the pipeline retries a RetryableError (the limit halves per refusal; transactional: an
+    aborted transaction's epoch bump costs one more)."""
+    for attempt in range(attempts):
+        try:
+            fn()
+            return
+        except RetryableError:
+            assert attempt < attempts - 1
+            time.sleep(0.3)

@@ -266,14 +266,8 @@ def test_replaying_a_record_without_its_value_keeps_saying_so() -> None:
     assert parse_headers(again.headers).attempt == 2
 
 
-def test_a_lowered_limit_leaves_out_the_value_of_the_largest_record_as_sent() -> None:
+def test_a_refused_limit_is_halved_down_to_a_floor() -> None:
     from sink.committer import lower_limit
 
-    small = to_dlq_record(rejection(source(value=b"s" * 100)), now=NOW)
-    large = to_dlq_record(rejection(source(value=b"l" * 50_000)), now=NOW)
-    limit = lower_limit(1_048_588, [small, large])
-    assert fit_record(small, limit) is small
-    assert fit_record(large, limit).value is None
-    # Refused again (the topic takes less still): below the largest as sent now, never below 1 KiB.
-    again = lower_limit(limit, [small, large])
-    assert again == max(1024, max(record_bytes(fit_record(r, limit)) for r in (small, large)) - 1)
+    assert lower_limit(1_048_588) == 524_294
+    assert lower_limit(1500) == lower_limit(1024) == 1024

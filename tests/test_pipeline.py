@@ -529,3 +529,15 @@ def test_a_stop_request_logs_nothing_itself_and_the_loop_says_it() -> None:
         p.run()
     assert [e["event"] for e in logs].count("shutdown_requested") == 1
     assert committer.offsets == {(TOPIC, 0): 3}
+
+
+def test_a_revoke_does_not_call_a_batch_whose_write_just_ended_discarded() -> None:
+    records = ([rec(0, i, good(i)) for i in range(10)] + [rec(1, i, good(100 + i)) for i in range(10)]
+               + [rec(1, i, good(100 + i)) for i in range(10, 15)])
+    p, source, _, _, _, _ = make(records)
+    # Partition 1's first batch in the writer (on_revoke waits for it to end), its next records open.
+    run_until(p, lambda: bool(p._writing and len(p.batcher.batch)))
+    with capture_logs() as logs:
+        source.revoke([(TOPIC, 1)])
+    (discarded,) = [e for e in logs if e["event"] == "batch_discarded"]
+    assert discarded["offsets"] == {"1": [10, 14]}  # not 0..9: that write went in
