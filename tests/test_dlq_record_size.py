@@ -66,6 +66,15 @@ def _drain(schema: str, topic: str, group: str, dlq_topic: str, logdir: Path) ->
     return sink
 
 
+def _small_topic(name: str) -> None:
+    """A one-partition DLQ topic that takes records of at most 100 kB (made by hand, as it were)."""
+    adm = testkit.admin()
+    for fut in adm.create_topics([NewTopic(name, num_partitions=1, replication_factor=1,
+                                           config={"max.message.bytes": "100000"})]).values():
+        fut.result(timeout=30)
+    testkit.wait_topic_ready(name, 1)
+
+
 def _valid() -> bytes:
     return json.dumps({"timestamp": 1_700_000_000, "mac_address": "dev-1", "mode": "analog",
                        "data_point_label": "temperature", "pin": 1, "value": 1.5}).encode()
@@ -85,11 +94,7 @@ def test_the_dlq_topic_the_sink_creates_takes_the_largest_input_record_whole(
 
 def test_a_record_too_large_for_the_dlq_topic_goes_there_without_its_value(
         schema: str, topic: str, group: str, dlq_topic: str, logdir: Path) -> None:
-    adm = testkit.admin()
-    for fut in adm.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1,
-                                           config={"max.message.bytes": "100000"})]).values():
-        fut.result(timeout=30)
-    testkit.wait_topic_ready(dlq_topic, 1)
+    _small_topic(dlq_topic)
     big = b"{" + b"y" * 200_000
     sent = _produce_large(topic, [big, _valid()])
     sink = _drain(schema, topic, group, dlq_topic, logdir)
@@ -115,11 +120,7 @@ class NoOffsets:
 def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_record(
         dlq_topic: str, committer_class: Any) -> None:
     # DescribeConfigs not allowed: the sink assumes Kafka's default, the topic takes 100 kB.
-    adm = testkit.admin()
-    for fut in adm.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1,
-                                           config={"max.message.bytes": "100000"})]).values():
-        fut.result(timeout=30)
-    testkit.wait_topic_ready(dlq_topic, 1)
+    _small_topic(dlq_topic)
     committer = committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
                                 timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
     big = DlqRecord(b"k", random.Random(5).randbytes(200_000),  # incompressible: zstd cannot save it
@@ -140,11 +141,7 @@ def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_re
 def test_records_that_fit_alone_keep_their_values_when_their_batch_was_refused(
         dlq_topic: str, committer_class: Any) -> None:
     # Five 30 kB records fit a 100 kB topic one by one, not in one producer batch.
-    adm = testkit.admin()
-    for fut in adm.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1,
-                                           config={"max.message.bytes": "100000"})]).values():
-        fut.result(timeout=30)
-    testkit.wait_topic_ready(dlq_topic, 1)
+    _small_topic(dlq_topic)
     committer = committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
                                 timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
     rnd = random.Random(6)
