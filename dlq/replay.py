@@ -20,7 +20,7 @@ from dlq.filters import ReplayFilter
 from dlq.reader import PartitionRange
 from sink.bisect import write_isolating_poison
 from sink.decode import decode
-from sink.envelope import DlqRecord, fit_record, original_headers, parse_headers, to_dlq_record
+from sink.envelope import DlqInfo, DlqRecord, fit_record, original_headers, parse_headers, to_dlq_record
 from sink.errors import FatalError, PoisonError, RetryableError
 from sink.logs import get_logger
 from sink.model import Row
@@ -152,7 +152,7 @@ class _Item:
     fate: Fate | None = None
     row: Row | None = None
     rejection: Rejection | None = None
-    dropped: str | None = None  # what the DLQ record lacks (H_DROPPED): it was too large for the DLQ
+    info: DlqInfo | None = None  # its failure headers, once selected
 
 
 ProgressFn = Callable[[int, Counts], None]
@@ -238,13 +238,14 @@ class Replayer:
             info = parse_headers(item.record.headers)
             if opts.filter.matches(info):
                 selected.append(i)
-                item.dropped = info.dropped
+                item.info = info
             else:
                 item.fate = Fate.SKIPPED
         # Step 2.
         for i in selected:
-            if items[i].dropped:
-                items[i].rejection = _without_value(items[i].record)
+            selected_info = items[i].info
+            if selected_info is not None and selected_info.dropped:  # too large for the DLQ: stored without its value
+                items[i].rejection = _without_value(items[i].record, selected_info)
                 continue
             out = decode(items[i].record)
             if isinstance(out, Rejection):
@@ -368,9 +369,8 @@ class Replayer:
         return retry(self.opts.retry, cause, fn, self._sleep)
 
 
-def _without_value(rec: SourceRecord) -> Rejection:
+def _without_value(rec: SourceRecord, info: DlqInfo) -> Rejection:
     """A DLQ record the sink had to store without its value (too large for the DLQ topic)."""
-    info = parse_headers(rec.headers)
     return Rejection(rec, "decode", "ValueNotInDlq",
                      f"the DLQ holds this record without its {info.dropped} (too large for the DLQ topic); "
                      f"the original is at {info.topic} partition {info.partition} offset {info.offset} while "

@@ -85,9 +85,11 @@ _LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000  # the largest message.max.bytes l
 _LIBRDKAFKA_BATCH_SIZE = 1_000_000  # its batch.size default
 
 
-def record_limit(conf: dict[str, Any], dlq_max_bytes: int) -> int:
-    """The largest DLQ record (record_bytes) both the producer and the DLQ topic take."""
-    return min(dlq_max_bytes, int(conf["message.max.bytes"]))
+def sized_config(settings: Settings, transactional: bool, dlq_max_bytes: int) -> tuple[dict[str, Any], int]:
+    """producer_config for a DLQ topic taking dlq_max_bytes per record, and the largest DLQ
+    record (record_bytes) both that producer and the topic take."""
+    conf = producer_config(settings, transactional, dlq_max_bytes)
+    return conf, min(dlq_max_bytes, int(conf["message.max.bytes"]))
 
 
 def fit(rec: DlqRecord, limit: int) -> DlqRecord:
@@ -134,7 +136,7 @@ class TransactionalCommitter:
         self._topic = dlq_topic
         self._timeout = timeout
         self._dlq_max_bytes = dlq_max_bytes
-        self._limit = record_limit(producer_config(settings, True, dlq_max_bytes), dlq_max_bytes)
+        _, self._limit = sized_config(settings, True, dlq_max_bytes)
         self._producer: Producer | None = None
         self._in_txn = False
         # What the transaction whose commit_transaction() timed out holds, while librdkafka
@@ -214,7 +216,7 @@ class TransactionalCommitter:
 
     def _lower_limit(self) -> None:
         self._dlq_max_bytes = lower_limit(self._limit)
-        self._limit = record_limit(producer_config(self._settings, True, self._dlq_max_bytes), self._dlq_max_bytes)
+        _, self._limit = sized_config(self._settings, True, self._dlq_max_bytes)
         self._drop_producer()  # the next one batches under the new limit
 
     def _produce(self, p: Producer, rec: DlqRecord, refused: list[Any]) -> None:
@@ -300,8 +302,7 @@ class PlainCommitter:
         self._topic = dlq_topic
         self._timeout = timeout
         self._settings = settings
-        conf = producer_config(settings, transactional=False, dlq_max_bytes=dlq_max_bytes)
-        self._limit = record_limit(conf, dlq_max_bytes)
+        conf, self._limit = sized_config(settings, False, dlq_max_bytes)
         self._producer = Producer(conf)
         # The batch whose complete() failed, and its DLQ records acknowledged so far.
         self._retrying: tuple[_Work, Counter[_Origin]] | None = None
@@ -344,9 +345,7 @@ class PlainCommitter:
                 raise RetryableError("dlq_publish", f"{left} DLQ records not acknowledged in {self._timeout}s")
             if errors:
                 if any(map(_too_large, errors)):
-                    dlq_max_bytes = lower_limit(self._limit)
-                    conf = producer_config(self._settings, transactional=False, dlq_max_bytes=dlq_max_bytes)
-                    self._limit = record_limit(conf, dlq_max_bytes)
+                    conf, self._limit = sized_config(self._settings, False, lower_limit(self._limit))
                     self._producer = Producer(conf)  # batches under the new limit (the old one is drained)
                 raise classify_kafka_error(errors[0], "dlq_publish")
             log.debug("dlq_published", topic=self._topic, dlq=len(dlq))

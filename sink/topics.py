@@ -32,7 +32,7 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
     """Create the DLQ topic if missing: as many partitions as the input (or KAFKA_DLQ_PARTITIONS),
     and room for the input's largest record plus our headers.  Returns the largest record the
     DLQ topic takes (its max.message.bytes): the committer fits DLQ records to it."""
-    admin = AdminClient({**settings.kafka_extra_config, "bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = _admin(settings)
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as e:
@@ -47,8 +47,12 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
 
 def dlq_max_message_bytes(settings: Settings, topic: str, timeout: float = 15.0) -> int:
     """The largest record the DLQ topic takes (for DLQ tooling that does not create it)."""
-    admin = AdminClient({**settings.kafka_extra_config, "bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = _admin(settings)
     return _dlq_limit(admin, topic, timeout)
+
+
+def _admin(settings: Settings) -> Any:
+    return AdminClient({**settings.kafka_extra_config, "bootstrap.servers": settings.kafka_bootstrap_servers})
 
 
 def _dlq_limit(admin: Any, dlq: str, timeout: float, known: int | None = None) -> int:

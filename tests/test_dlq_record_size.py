@@ -120,9 +120,7 @@ class NoOffsets:
 def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_record(
         dlq_topic: str, committer_class: Any) -> None:
     # DescribeConfigs not allowed: the sink assumes Kafka's default, the topic takes 100 kB.
-    _small_topic(dlq_topic)
-    committer = committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
-                                timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+    committer = _assuming_default(committer_class, dlq_topic)
     big = DlqRecord(b"k", random.Random(5).randbytes(200_000),  # incompressible: zstd cannot save it
                     ((H_TOPIC, b"in"), (H_OFFSET, b"5")))
     small = DlqRecord(b"k2", b"fits", ((H_TOPIC, b"in"), (H_OFFSET, b"6")))
@@ -141,9 +139,7 @@ def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_re
 def test_records_that_fit_alone_keep_their_values_when_their_batch_was_refused(
         dlq_topic: str, committer_class: Any) -> None:
     # Five 30 kB records fit a 100 kB topic one by one, not in one producer batch.
-    _small_topic(dlq_topic)
-    committer = committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
-                                timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+    committer = _assuming_default(committer_class, dlq_topic)
     rnd = random.Random(6)
     records = [DlqRecord(f"k{i}".encode(), rnd.randbytes(30_000), ((H_TOPIC, b"in"), (H_OFFSET, str(i).encode())))
                for i in range(5)]
@@ -153,6 +149,13 @@ def test_records_that_fit_alone_keep_their_values_when_their_batch_was_refused(
         committer.close()
     got = sorted((r.key, r.value) for r in testkit.read_all(dlq_topic))
     assert got == [(r.key, r.value) for r in records]  # whole, each once
+
+
+def _assuming_default(committer_class: Any, dlq_topic: str) -> Any:
+    """A committer for a 100 kB DLQ topic whose config it could not read: Kafka's default assumed."""
+    _small_topic(dlq_topic)
+    return committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
+                           timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
 
 
 def _retry(fn: Any, attempts: int = 12) -> None:
