@@ -26,7 +26,8 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """\
 environment: the sink's own variables (KAFKA_BOOTSTRAP_SERVERS, KAFKA_INPUT_TOPIC, KAFKA_DLQ_TOPIC,
-KAFKA_GROUP_ID, KAFKA_EXTRA_CONFIG, KAFKA_TRANSACTIONAL, TIMESCALE_*, LOG_FORMAT, LOG_LEVEL).
+KAFKA_GROUP_ID, KAFKA_EXTRA_CONFIG, KAFKA_TRANSACTIONAL, TIMESCALE_*, RETRY_*, BISECT_MAX_SPLITS,
+LOG_FORMAT, LOG_LEVEL); a replay gives up after RETRY_MAX_ATTEMPTS attempts (8 when it is 0).
 exit codes: 0 done, 1 fatal error or Kafka/PostgreSQL unavailable, 2 bad usage or configuration,
 3 replay stopped on a failure (--on-failure stop), 130 interrupted.  See docs/dlq.md.
 """
@@ -157,7 +158,8 @@ def _replay(settings: Settings, args: argparse.Namespace, flt: ReplayFilter) -> 
         dlq_topic=args.dlq_topic or settings.dlq_topic, filter=flt, on_failure=OnFailure(args.on_failure),
         dry_run=args.dry_run, to_topic=args.to_topic, max_records=args.max, batch_size=args.batch_size,
         max_splits=settings.bisect_max_splits,
-        retry=RetryPolicy(initial_backoff=settings.retry_initial_backoff,
+        retry=RetryPolicy(attempts=settings.retry_max_attempts or RetryPolicy.attempts,
+                          initial_backoff=settings.retry_initial_backoff,
                           max_backoff=max(settings.retry_max_backoff, settings.retry_initial_backoff)),
     )
     group = replay_group(args.group, settings, opts)

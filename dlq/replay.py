@@ -21,7 +21,7 @@ from dlq.reader import PartitionRange
 from sink.bisect import write_isolating_poison
 from sink.decode import decode
 from sink.envelope import DlqInfo, DlqRecord, fit_record, original_headers, parse_headers, to_dlq_record
-from sink.errors import FatalError, PoisonError, RetryableError
+from sink.errors import FatalError, PoisonError, RetryableError, retry_log_fields
 from sink.logs import get_logger
 from sink.model import Row
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
@@ -381,9 +381,7 @@ def retry(policy: RetryPolicy, cause: str, fn: Callable[[], T], sleep: Callable[
     """Call fn, retrying RetryableError with backoff; FatalError once the attempts are used up."""
 
     def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        delay = state.next_action.sleep if state.next_action is not None else 0.0
-        log.warning("retrying", cause=cause, attempt=state.attempt_number, delay_s=round(delay, 2), reason=str(exc))
+        log.warning("retrying", **retry_log_fields(cause, state))
 
     retrying = Retrying(
         retry=retry_if_exception_type(RetryableError),

@@ -10,10 +10,24 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_never, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential_jitter,
+)
 
 from sink import __version__
-from sink.errors import FatalError, RetryableError, SinkError, classify_db_error, classify_kafka_error
+from sink.errors import (
+    FatalError,
+    RetryableError,
+    SinkError,
+    classify_db_error,
+    classify_kafka_error,
+    retry_log_fields,
+)
 from sink.logs import configure_logging, get_logger
 from sink.settings import ConfigError, Settings, load_settings
 
@@ -73,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                         extra_config=settings.kafka_extra_config)
             log.info("demo_produced", topic=settings.kafka_input_topic, rows=n)
             return EXIT_OK if n == args.count else EXIT_FATAL
+    except ConfigError as e:  # found at start by the database (TIMESCALE_* intervals)
+        log.error("config_invalid", reason=str(e))
+        print(f"kafka-timescale-sink: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except FatalError as e:
         log.critical("fatal_error", reason=str(e))
         print(f"kafka-timescale-sink: {e}", file=sys.stderr)
@@ -182,6 +200,8 @@ def _migrate(settings: Settings, stop_requested: Callable[[], bool], health: Hea
     def attempt() -> None:
         try:
             migrate(settings)
+        except ConfigError:
+            raise  # a TIMESCALE_* value the database refuses: exit 2, like any bad setting
         except MigrationError as e:
             raise FatalError(f"migrations failed: {e}") from e
         except SinkError:
@@ -213,10 +233,8 @@ def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[],
         while time.monotonic() < end and not stop_requested():
             time.sleep(min(0.2, end - time.monotonic()))
 
-    def before_sleep(state: Any) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("retrying", cause=cause, attempt=state.attempt_number,
-                    delay_s=round(state.next_action.sleep, 2) if state.next_action else 0, reason=str(exc))
+    def before_sleep(state: RetryCallState) -> None:
+        log.warning("retrying", **retry_log_fields(cause, state))
 
     attempts = settings.retry_max_attempts
     retrying = Retrying(retry=retry_if_exception_type(RetryableError),

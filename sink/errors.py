@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from tenacity import RetryCallState
 
 
 class SinkError(Exception):
@@ -66,6 +67,17 @@ def classify_db_error(exc: BaseException, cause: str = "db_write") -> SinkError:
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
         return RetryableError(cause, message or type(exc).__name__)
     return FatalError(f"unexpected database error {type(exc).__name__}: {message}")
+
+
+def retry_log_fields(cause: str, state: RetryCallState) -> dict[str, Any]:
+    """The fields of a ``retrying`` line: the same for the sink's loop, its startup and the DLQ
+    replay.  ``error_class`` names the underlying exception (psycopg's or Kafka's), not the
+    RetryableError that wraps every one of them; ``reason`` starts with the failing step."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    root = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+    return {"cause": cause, "attempt": state.attempt_number, "delay_s": round(delay, 2), "reason": str(exc),
+            "error_class": type(root).__name__ if root is not None else None}
 
 
 def _pg_message(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from sink.logs import get_logger
-from sink.settings import Settings
+from sink.settings import ConfigError, Settings
 
 log = get_logger(__name__)
 
@@ -68,6 +68,12 @@ LOCK_TIMEOUT = "5s"
 
 class MigrationError(RuntimeError):
     """The schema cannot be brought up to date; the message says why and what to change."""
+
+
+class PolicySettingError(MigrationError, ConfigError):
+    """A TIMESCALE_* value the database refuses as an interval (or out of range): a bad setting,
+    so the command exits 2 like any other invalid setting.  Only the database parses intervals
+    the way TimescaleDB will, so this is found when migrations run, not when settings load."""
 
 
 @dataclass(frozen=True)
@@ -296,16 +302,16 @@ def _validate(conn: psycopg.Connection[Any], p: TimescalePolicies) -> None:
         try:
             positive = _scalar(conn, "SELECT %s::interval > interval '0'", [value])
         except psycopg.DataError as e:
-            raise MigrationError(f"{env}={value!r} is not a PostgreSQL interval: {_describe(e)}") from None
+            raise PolicySettingError(f"{env}={value!r} is not a PostgreSQL interval: {_describe(e)}") from None
         if not positive:
             hint = " (0 or off disables it)" if env in {"TIMESCALE_COMPRESS_AFTER", "TIMESCALE_RETENTION"} else ""
-            raise MigrationError(f"{env}={value!r} must be a positive interval{hint}")
+            raise PolicySettingError(f"{env}={value!r} must be a positive interval{hint}")
     if p.retention is not None and not _scalar(
         conn,
         "SELECT %s::interval >= %s::interval + %s::interval",
         [p.retention, REFRESH_START_OFFSET, RETENTION_MARGIN],
     ):
-        raise MigrationError(
+        raise PolicySettingError(
             f"TIMESCALE_RETENTION={p.retention!r} must be at least {REFRESH_START_OFFSET} + {RETENTION_MARGIN}: "
             f"the hourly aggregate re-reads the last {REFRESH_START_OFFSET}, and a refresh over dropped raw "
             "rows deletes their aggregates (use a longer retention, or 0/off)"

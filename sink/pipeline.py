@@ -22,7 +22,7 @@ from sink.bisect import write_isolating_poison
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
 from sink.decode import decode_many
 from sink.envelope import DlqRecord, to_dlq_record
-from sink.errors import FatalError, RetryableError, SinkError
+from sink.errors import FatalError, RetryableError, SinkError, retry_log_fields
 from sink.health import HealthState
 from sink.logs import get_logger
 from sink.metrics import Metrics
@@ -494,14 +494,11 @@ class Pipeline:
         return result
 
     def _before_retry(self, cause: str, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        delay = state.next_action.sleep if state.next_action is not None else 0.0
         if cause == "db_write":
             self.health.db_ok = False
             self.metrics.db_connected.set(0)
         self.metrics.retries.labels(cause=cause).inc()
-        log.warning("retrying", cause=cause, attempt=state.attempt_number, delay_s=round(delay, 2),
-                    reason=str(exc), error_class=type(exc).__name__ if exc else None)
+        log.warning("retrying", **retry_log_fields(cause, state))
 
     def _keepalive(self, seconds: float) -> None:
         """Sleep between retries while polling Kafka, so the group keeps us (max.poll.interval.ms)

@@ -72,3 +72,20 @@ def test_a_failed_replay_still_writes_its_audit_line_and_exits_1(monkeypatch: py
     assert audit["outcome"] == "error" and audit["filter"] == {"error_class": ["CheckViolation"]}
     assert audit["user"] and audit["host"] and audit["group"].startswith("timescale_sink_group.dlq-replay.f-")
     assert "password" not in captured.err.lower()
+
+
+@pytest.mark.parametrize(("setting", "attempts"), [("3", 3), ("0", 8)])
+def test_a_replay_gives_up_after_retry_max_attempts_or_8_when_it_is_0(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], setting: str, attempts: int) -> None:
+    monkeypatch.setenv("TIMESCALE_HOST", "127.0.0.1")
+    monkeypatch.setenv("TIMESCALE_PORT", "1")
+    monkeypatch.setenv("RETRY_INITIAL_BACKOFF", "0.01")
+    monkeypatch.setenv("RETRY_MAX_BACKOFF", "0.01")
+    monkeypatch.setenv("RETRY_MAX_ATTEMPTS", setting)
+    assert main(["replay", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert f"db_connect still failing after {attempts} attempts" in json.loads(captured.out)["error"]
+    events = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]
+    retries = [e for e in events if e["event"] == "retrying"]
+    assert len(retries) == attempts - 1
+    assert {(e["cause"], e["error_class"]) for e in retries} == {("db_connect", "OperationalError")}

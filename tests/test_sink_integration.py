@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from dev import services, testkit
@@ -174,6 +175,9 @@ def test_postgres_down_no_commit_no_dlq_then_every_row_lands(sinks: Any, schema:
     assert testkit.read_all(f"{topic}.dlq") == []
     events = [e["event"] for e in sink.events()]
     assert "retrying" in events and "recovered" in events
+    # The retried failures are named by psycopg's own classes (OperationalError, AdminShutdown, ...).
+    classes = {e["error_class"] for e in sink.events() if e["event"] == "retrying"}
+    assert classes <= set(dir(psycopg)) | set(dir(psycopg.errors)), classes
     assert sink.stop() == 0
 
 

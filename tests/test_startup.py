@@ -3,7 +3,10 @@ metrics port that cannot be bound is a clear fatal error, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,9 @@ def test_retry_max_attempts_bounds_the_wait_for_a_database_at_startup(schema: st
                                logdir / "sink.log").start()
     fatal = _fatal_exit(sink)
     assert "after 2 attempts" in fatal["reason"]
-    assert len([e for e in sink.events() if e["event"] == "retrying"]) == 1
+    (retry,) = [e for e in sink.events() if e["event"] == "retrying"]
+    # The class of the failure itself, not of the RetryableError wrapping every failure.
+    assert (retry["cause"], retry["error_class"]) == ("migrate", "OperationalError")
     assert "Traceback" not in sink.log_text()
 
 
@@ -48,3 +53,19 @@ def test_a_metrics_port_in_use_is_a_clear_fatal_error(schema: str, topic: str, g
         fatal = _fatal_exit(sink)
     assert f"METRICS_PORT={port}" in fatal["reason"]
     assert "Traceback" not in sink.log_text()
+
+
+@pytest.mark.parametrize("command", ["run", "migrate"])
+def test_a_timescale_interval_the_database_refuses_exits_2_naming_the_variable(schema: str, topic: str, group: str,
+                                                                               tmp_path: Path, command: str) -> None:
+    # Only PostgreSQL parses an interval as TimescaleDB will, so this is found once connected;
+    # it is still a bad setting (exit 2, config_invalid), not a failed migration (exit 1).
+    env = testkit.sink_env(schema, topic, group, TIMESCALE_RETENTION="3 days")
+    done = subprocess.run([sys.executable, "-m", "sink", command], env=env, cwd=testkit.ROOT, capture_output=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2
+    (invalid,) = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "config_invalid"]
+    assert invalid["reason"].startswith("TIMESCALE_RETENTION='3 days' must be at least")
+    assert b"TIMESCALE_RETENTION='3 days'" in done.stderr and b"Traceback" not in done.stderr
+    with testkit.connect() as conn:  # refused before anything was created
+        assert conn.execute("SELECT to_regclass(%s)", [f"{schema}.schema_migrations"]).fetchone() == (None,)
