@@ -110,7 +110,11 @@ class Settings(BaseSettings):
         bad = _RESERVED_KAFKA_KEYS.intersection(v)
         if bad:
             raise ValueError(f"sets {sorted(bad)}, which the sink controls itself")
-        return {str(k): str(val) for k, val in v.items()}
+        conf = {str(k): str(val) for k, val in v.items()}
+        refusal = _librdkafka_refusal(conf)
+        if refusal:
+            raise ValueError(f"refused by librdkafka: {refusal}")
+        return conf
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -149,6 +153,24 @@ class Settings(BaseSettings):
         out["kafka_extra_config"] = {k: "***" for k in self.kafka_extra_config}
         out["dlq_topic"] = self.dlq_topic
         return out
+
+
+def _librdkafka_refusal(conf: dict[str, str]) -> str | None:
+    """librdkafka's own verdict on the pass-through settings, at load time: a client built from
+    them alone (no brokers, so it connects nowhere) is refused for an unknown property, a bad
+    value or a TLS file it cannot load.  Found here, that is a bad setting (exit 2) instead of a
+    failure after the migrations ran.  Quoted values are masked: they may be secrets."""
+    from confluent_kafka import KafkaException, Producer
+
+    try:
+        Producer({**conf, "log_level": 0})
+    except KafkaException as e:
+        err = e.args[0] if e.args else None
+        text = str(err.str()) if err is not None and hasattr(err, "str") else str(e)
+        for value in conf.values():
+            text = text.replace(f'"{value}"', '"***"')
+        return text
+    return None
 
 
 class ConfigError(ValueError):

@@ -86,9 +86,10 @@ def test_lower_case_env_var_is_read_too(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_extra_kafka_config_is_passed_through_as_strings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAFKA_EXTRA_CONFIG", json.dumps(
-        {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "linger.ms": 5}))
+        {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "sasl.username": "u", "sasl.password": "p",
+         "linger.ms": 5}))
     assert load_settings().kafka_extra_config == {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
-                                                  "linger.ms": "5"}
+                                                  "sasl.username": "u", "sasl.password": "p", "linger.ms": "5"}
 
 
 @pytest.mark.parametrize("key", ["enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers"])
@@ -104,6 +105,21 @@ def test_extra_kafka_config_that_is_not_an_object_is_refused(monkeypatch: pytest
 
 def test_extra_kafka_config_that_is_not_json_fails_with_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "KAFKA_EXTRA_CONFIG:" in config_error(monkeypatch, KAFKA_EXTRA_CONFIG="sasl.mechanism=PLAIN")
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"no.such.property": "1"}, 'No such configuration property: "no.such.property"'),
+    ({"security.protocol": "SASL_SSSL"}, 'Invalid value "***" for configuration property "security.protocol"'),
+    ({"enable.idempotence": "maybe"}, 'Expected bool value for "enable.idempotence"'),
+    ({"security.protocol": "SSL", "ssl.ca.location": "/nonexistent/ca.pem"}, "ssl.ca.location failed"),
+])
+def test_extra_kafka_config_librdkafka_refuses_is_a_config_error_at_load(
+        monkeypatch: pytest.MonkeyPatch, extra: dict[str, str], says: str) -> None:
+    # Not exit 1 from the first Kafka client, after the migrations already ran.
+    message = config_error(monkeypatch, KAFKA_EXTRA_CONFIG=json.dumps(extra))
+    assert "KAFKA_EXTRA_CONFIG: Value error, refused by librdkafka:" in message
+    assert says in message
+    assert "SASL_SSSL" not in message  # values are masked: they may be secrets
 
 
 def test_empty_extra_kafka_config_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
