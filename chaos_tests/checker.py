@@ -133,7 +133,7 @@ class _Pending:
 
 @dataclass
 class CheckerStats:
-    samples: int = 0
+    samples: int = 0  # completed verifications
     failed_samples: int = 0
     records_verified: int = 0
     violations: list[str] = field(default_factory=list)
@@ -207,7 +207,6 @@ class OffsetChecker:
         committed = self.read_committed()  # first the offsets ...
         dlq_at_end = self.dlq.drain()  # ... then what they promise
         now = time.monotonic()
-        self.stats.samples += 1
         for p, o in committed.items():
             prev = self.committed.get(p, 0)
             if o < prev:
@@ -250,6 +249,7 @@ class OffsetChecker:
             else:
                 still.append(pend)
         self._pending = still
+        self.stats.samples += 1  # a verification that ran to its end (one that raised does not count)
 
     def _db(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:

@@ -96,6 +96,7 @@ class StreamProducer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.sent = 0
+        self.failure: BaseException | None = None  # what ended the background stream early
 
     def _produce_one(self, planned: Planned, partition: int | None) -> None:
         part = self._rng.randrange(self.ledger.partitions) if partition is None else partition
@@ -133,20 +134,26 @@ class StreamProducer:
         rng = random.Random(self._rng.random())
 
         def run() -> None:
-            done = 0
-            start = time.monotonic()
-            limit = count if count is not None else 2**62
-            while done < limit and not self._stop.is_set():
-                burst = min(limit - done, rng.randint(1, max(1, int(rate / 5))))
+            try:
+                done = 0
+                start = time.monotonic()
+                limit = count if count is not None else 2**62
+                while done < limit and not self._stop.is_set():
+                    burst = min(limit - done, rng.randint(1, max(1, int(rate / 5))))
+                    with self._lock:
+                        for _ in range(burst):
+                            self._produce_one(make(), None)
+                    done += burst
+                    ahead = done / rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        self._stop.wait(ahead)
                 with self._lock:
-                    for _ in range(burst):
-                        self._produce_one(make(), None)
-                done += burst
-                ahead = done / rate - (time.monotonic() - start)
-                if ahead > 0:
-                    self._stop.wait(ahead)
-            with self._lock:
-                self._flush()
+                    self._flush()
+            except BaseException as e:
+                # Kept for wait() to raise: a thread's exception is otherwise only printed, and
+                # the invariants, checked against the ledger, would pass on a stream that died.
+                self.failure = e
+                raise
 
         self._thread = threading.Thread(target=run, name="chaos-producer", daemon=True)
         self._thread.start()
@@ -160,12 +167,15 @@ class StreamProducer:
         return self._thread is not None and self._thread.is_alive()
 
     def wait(self, timeout: float = 300.0) -> None:
-        """Until the background stream has been produced and acknowledged."""
+        """Until the background stream has been produced and acknowledged; raises what ended
+        the stream if it failed."""
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise AssertionError(f"harness producer still streaming after {timeout}s")
             self._thread = None
+        if self.failure is not None:
+            raise AssertionError(f"harness producer stream failed: {self.failure!r}") from self.failure
         with self._lock:
             self._flush()
         if self.errors:

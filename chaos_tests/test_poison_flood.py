@@ -11,6 +11,7 @@ import pytest
 from chaos_tests.harness import Scenario
 from chaos_tests.records import WRITE_POISON_CONSTRAINT
 from dev import testkit
+from sink.cli import EXIT_FATAL
 
 pytestmark = pytest.mark.chaos
 
@@ -59,14 +60,16 @@ def test_deploy_like_burst_trips_the_dlq_breaker_and_the_sink_stops_without_drai
     sc.producer.send(sc.factory.valid() for _ in range(200))
     with sc.fault("breaker_trip", "upstream schema drift"):
         code = sink.wait(90)
-    assert code != 0, "the sink kept running through a burst of nothing but invalid records"
+    assert code == EXIT_FATAL, f"the sink exited with {code}, not {EXIT_FATAL}, on a burst of invalid records only"
     names = [e["event"] for e in sink.events()]
     assert "dlq_breaker_tripped" in names and "fatal_error" in names
-    # A supervisor restarts it: it must trip again instead of carrying on.
+    # A supervisor restarts it: it must trip again instead of carrying on (or failing otherwise).
     again = sc.sink()
     with sc.fault("breaker_trip", "after a restart"):
         code_again = again.wait(90)
-    assert code_again != 0
+    assert code_again == EXIT_FATAL, f"the restarted sink exited with {code_again}, not {EXIT_FATAL}"
+    names_again = [e["event"] for e in again.events()]
+    assert "dlq_breaker_tripped" in names_again and "fatal_error" in names_again, names_again[-5:]
     committed = testkit.committed_offsets(sc.group, sc.topic)
     ends = testkit.end_offsets(sc.topic)
     out = sc.finish(upto=committed)

@@ -3,6 +3,7 @@ flight; PostgreSQL down for longer than max.poll.interval.ms would allow a non-p
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -69,12 +70,14 @@ def test_database_connections_reset_or_stalled_by_the_network_lose_nothing(chaos
         sc.rng.shuffle(plan)
         sc.producer.stream(lambda: sc.factory.mixed(invalid=0.03, replay=0.03), None, rate=500)
         sc.wait_table()
+        cuts: list[int] = []
         for fault in plan:
             sc.wait_progress(90)
             time.sleep(sc.rng.uniform(0.05, 1.5))
             if fault == "reset":
                 with sc.fault("network_reset") as f:
-                    f.detail = f"{proxy.cut()} connection(s)"
+                    cuts.append(proxy.cut())
+                    f.detail = f"{cuts[-1]} connection(s)"
             else:
                 stall = sc.rng.uniform(1.0, 5.0)
                 with sc.fault("network_stall", f"{stall:.1f}s"):
@@ -83,16 +86,21 @@ def test_database_connections_reset_or_stalled_by_the_network_lose_nothing(chaos
         sc.producer.stop_stream()
         sc.assert_invariants()
         assert sink.alive(), "the sink exited on a reset connection instead of retrying"
+        # Each reset hit the sink's open connection(s) (it had just written), and it got going again.
+        assert cuts and all(n > 0 for n in cuts), f"resets that cut no connection: {cuts}"
+        events = {e["event"] for e in sink.events()}
+        assert {"retrying", "recovered"} <= events, "the sink never retried or recovered from a reset"
         assert sink.stop() == 0
     finally:
         proxy.close()
 
 
-def _sink_backends() -> list[tuple[int, str, str]]:
-    """(pid, state, query) of the sink's database sessions."""
+def _sink_backends() -> list[tuple[int, str, str, str]]:
+    """(pid, state, query, wait_event_type) of the sink's database sessions."""
     with testkit.connect() as conn:
-        return [(int(pid), str(state), str(query)) for pid, state, query in conn.execute(
-            "SELECT pid, state, query FROM pg_stat_activity WHERE application_name = 'kafka-timescale-sink'")]
+        return [(int(pid), str(state), str(query), str(wait)) for pid, state, query, wait in conn.execute(
+            "SELECT pid, state, query, wait_event_type FROM pg_stat_activity "
+            "WHERE application_name = 'kafka-timescale-sink'")]
 
 
 def test_connection_reset_while_its_backend_stays_in_a_transaction_does_not_wedge_the_sink(
@@ -108,23 +116,39 @@ def test_connection_reset_while_its_backend_stays_in_a_transaction_does_not_wedg
         sc.producer.stream(lambda: sc.factory.mixed(invalid=0.03, replay=0.03), None, rate=500)
         sc.wait_table()
         sc.wait_progress(90)
-        zombies: list[tuple[int, str, str]] = []
-        with sc.fault("half_open_connection") as f, testkit.connect() as conn:
-            deadline = time.monotonic() + 20
-            while not zombies and time.monotonic() < deadline:
-                # Sever the moment the sink's session has inserted the batch and not committed.
-                busy = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'kafka-timescale-sink' "
-                    "AND query LIKE 'INSERT%' AND state IN ('active', 'idle in transaction')").fetchone()
-                if busy and busy[0]:
-                    proxy.sever()
-                    time.sleep(0.1)
-                    zombies = [b for b in _sink_backends() if b[1] == "idle in transaction"]
-            f.detail = f"sessions left in a transaction: {[pid for pid, _, _ in zombies] or 'none (timing)'}"
+        with sc.fault("half_open_connection") as f, testkit.connect(sc.schema, autocommit=False) as lock:
+            # Hold the sink's next INSERT on a SHARE lock (shorter than its lock_timeout, 10 s), so
+            # that the connection goes while the INSERT is surely in flight: let go, the INSERT
+            # completes on the server, whose session then waits, in its transaction and holding
+            # the batch's rows, for a COMMIT from a client that is gone.
+            lock.execute("LOCK TABLE iot_measurements IN SHARE MODE")
+            blocked = testkit.wait_for(
+                lambda: {pid for pid, state, query, wait in _sink_backends()
+                         if state == "active" and query.startswith("INSERT") and wait == "Lock"},
+                8, interval=0.05, what="the sink's INSERT waiting on the table lock")
+            severed = proxy.sever()
+            # Hold the sink's new connections (its retry of the batch) until the old session's
+            # INSERT has gone in: a retry that got its rows in first would leave that session
+            # holding none of them (its own INSERT then skips them as conflicts).
+            stall = threading.Thread(target=proxy.stall, args=(2.0,), name="chaos-stall", daemon=True)
+            stall.start()
+            lock.rollback()
+            zombies = testkit.wait_for(
+                lambda: [b for b in _sink_backends() if b[0] in blocked and b[1] == "idle in transaction"],
+                1.5, interval=0.05, what="a session left in its transaction after its INSERT")
+            stall.join()
+            f.detail = f"{severed} connection(s) severed; sessions left in a transaction: {[b[0] for b in zombies]}"
+        assert zombies and all(query.startswith("INSERT") for _, _, query, _ in zombies), zombies
         sc.producer.stop_stream()
         sc.producer.wait()
         sc.extra["catch_up_s"] = sc.wait_caught_up(60)
         sc.assert_invariants()
+        events = sink.events()
+        assert "recovered" in {e["event"] for e in events}, "the sink did not recover from its severed connection"
+        # The retried batch did run into the old session's rows (its lock_timeout, 10 s, is shorter
+        # than the server's idle_in_transaction_session_timeout, 20 s, that ends the old session).
+        reasons = [str(e.get("reason")) for e in events if e["event"] == "retrying"]
+        assert any("55P03" in r for r in reasons), f"the retry never waited on the old session's rows: {reasons}"
         assert sink.stop() == 0
     finally:
         proxy.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -64,10 +65,33 @@ def test_partitions_that_return_after_a_rebalance_during_a_database_stall_are_co
         time.sleep(sc.rng.uniform(0.5, 2.0))
         conn.rollback()
     sc.wait_progress(60)
-    with sc.fault("sigkill", "instance B; its partitions go back to A"):
+    b_partitions = set(_assigned(b)[-1])
+    assert b_partitions, "instance B was assigned no partition"
+    with sc.fault("sigkill", f"instance B; its partitions {sorted(b_partitions)} go back to A"):
         b.kill()
+        a_seen = len(a.events())  # A's log lines so far: what follows is after the kill
     sc.producer.stop_stream()
     sc.producer.wait()
+    # Records that only A can consume: B may have committed everything it had before it died.
+    for p in range(sc.partitions):
+        sc.producer.send((sc.factory.valid() for _ in range(5)), partition=p)
     sc.extra["catch_up_s"] = sc.wait_caught_up(45)  # session timeout (6 s) + a few batches
     sc.assert_invariants()
+    after = a.events()[a_seen:]
+    assigned = _assigned(a, after)
+    assert assigned and b_partitions <= set(assigned[-1]), f"A was not given B's partitions back: {assigned}"
+    # A itself committed B's former partitions up to their end (the records sent after the kill).
+    ends = testkit.end_offsets(sc.topic)
+    committed_by_a: dict[int, int] = {}
+    for e in after:
+        if e["event"] == "batch_committed":
+            for p, (_, last) in e["offsets"].items():
+                committed_by_a[int(p)] = max(committed_by_a.get(int(p), 0), last + 1)
+    assert {p: committed_by_a.get(p) for p in b_partitions} == {p: ends[p] for p in b_partitions}
     assert a.stop() == 0
+
+
+def _assigned(sink: testkit.SinkProcess, events: list[dict[str, Any]] | None = None) -> list[list[int]]:
+    """The partitions of each partitions_assigned line (the whole assignment: eager rebalancing)."""
+    return [e["partitions"] for e in (sink.events() if events is None else events)
+            if e["event"] == "partitions_assigned"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,7 @@ def test_table_locked_for_seconds_backpressures_with_bounded_memory_and_loses_no
     holds = [sc.rng.uniform(3.0, 7.0) for _ in range(sc.profile.n(2))] + [WRITER_LOCK_TIMEOUT + sc.rng.uniform(1, 3)]
     sc.rng.shuffle(holds)
     growth = []
+    windows: list[tuple[float, datetime, datetime]] = []  # (hold, locked, unlocked), wall clock as the log's
     for hold in holds:
         sc.wait_progress(90)
         time.sleep(sc.rng.uniform(0.2, 1.5))
@@ -37,11 +40,14 @@ def test_table_locked_for_seconds_backpressures_with_bounded_memory_and_loses_no
                 testkit.connect(sc.schema, autocommit=False) as conn:
             conn.execute("LOCK TABLE iot_measurements IN ACCESS EXCLUSIVE MODE")
             t_lock = time.monotonic()
+            locked = datetime.now(UTC)
             before = sc.checker.committed.copy()
             time.sleep(hold)
             stuck = sc.checker.committed == before
             conn.rollback()
             t_unlock = time.monotonic()
+            windows.append((hold, locked, datetime.now(UTC)))
+        assert rss.peak(t_lock, t_unlock) > 0, "no RSS sample while the table was locked"
         growth.append(rss.peak(t_lock, t_unlock) - rss.at(t_lock))
         sc.note(f"lock {hold:.1f}s: RSS {rss.at(t_lock) / MiB:.0f} -> peak {rss.peak(t_lock, t_unlock) / MiB:.0f} MiB, "
                 f"commits {'held back' if stuck else 'advanced (DLQ-only batches?)'}")
@@ -50,7 +56,19 @@ def test_table_locked_for_seconds_backpressures_with_bounded_memory_and_loses_no
     rss.stop()
     sc.extra["rss_growth_mib"] = max(growth) // MiB
     sc.assert_invariants()
-    reasons = [str(e.get("reason")) for e in sink.events() if e["event"] == "retrying"]
+    events = sink.events()
+    reasons = [str(e.get("reason")) for e in events if e["event"] == "retrying"]
     assert any("55P03" in r for r in reasons), f"no lock-timeout retry logged: {reasons[:3]}"
+    # Backpressure: while its write was failing on the lock held past lock_timeout, the sink
+    # paused consumption (instead of reading on into memory), and resumed once the write went in.
+    [(_, locked, unlocked)] = [w for w in windows if w[0] > WRITER_LOCK_TIMEOUT]
+    paused = [_when(e) for e in events if e["event"] == "consumer_paused"]
+    assert any(locked <= t <= unlocked for t in paused), (
+        f"no consumer_paused while the table was locked ({locked} .. {unlocked}): {paused}")
+    assert any(_when(e) > unlocked for e in events if e["event"] == "consumer_resumed"), "never resumed"
     assert max(growth) < 64 * MiB, f"RSS grew by {max(growth) / MiB:.0f} MiB while the table was locked"
     assert sink.stop() == 0
+
+
+def _when(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(event["timestamp"])

@@ -27,6 +27,8 @@ def test_quick_benchmark_drains_a_small_topic_correctly(infra: None, tmp_path: P
     assert verdict["rows_found"] == verdict["rows_expected"] == data["distinct_rows"]
     assert verdict["rows_missing"] == 0 and verdict["rows_unexpected"] == 0
     assert verdict["dlq_found"] == verdict["dlq_expected"] == data["invalid"]
+    # Each invalid record's own (partition, offset), named by the DLQ headers, exactly once.
+    assert verdict["dlq_missing"] == verdict["dlq_repeated"] == verdict["dlq_unexpected"] == 0
     assert verdict["offsets_committed"] == verdict["offsets_end"]
     assert sum(verdict["offsets_end"].values()) == data["records"]
     assert run["sinks"]["sink"]["records"] == data["records"]

@@ -129,7 +129,7 @@ def test_zero_split_budget_goes_row_by_row_after_the_first_failure() -> None:
 def test_earlier_rows_are_written_first() -> None:
     table = FakeTable(bad={0, 5})
     write_isolating_poison(list(range(8)), table.write)
-    assert table.committed == sorted(table.committed)
+    assert table.committed == [1, 2, 3, 4, 6, 7]
 
 
 @given(

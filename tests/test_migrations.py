@@ -217,10 +217,24 @@ def test_bad_schema_settings_name_the_env_var_before_anything_changes(
     assert not table_exists(schema, "schema_migrations")
 
 
-def test_zero_and_off_disable_compression_and_retention(schema: str) -> None:
+def test_zero_and_off_disable_compression_and_retention(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No TimescaleDB here: the seam is the availability probe (with only the base migration to
+    # apply), and the reconcile step, which must be told to keep no compression and no retention.
+    shutil.copy(REPO_SQL / BASE, tmp_path / BASE)
+    monkeypatch.setenv(migrations.SQL_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(migrations, "_timescale", lambda conn: migrations._Timescale(True, "2.29.1"))
+    reconciled: list[TimescalePolicies] = []
+    monkeypatch.setattr(migrations, "_reconcile", lambda conn, schema, policies: reconciled.append(policies))
+
     report = migrate(settings_for(schema, timescale_compress_after="0", timescale_retention="OFF"))
 
     assert report.applied == (BASE,)
+    [policies] = reconciled
+    assert policies.compress_after is None
+    assert policies.retention is None
+    assert policies == TimescalePolicies("1 day", None, None, "30 minutes")
 
 
 # --------------------------------------------------------------------------- pure

@@ -81,7 +81,11 @@ def test_metrics_match_what_was_produced(sink: tuple[testkit.SinkProcess, int], 
     assert dlq["sink_records_dlq_total{error_class=EmptyValue,stage=decode}"] == 1
     assert dlq["sink_records_dlq_total{error_class=ValidationError,stage=validate}"] == 1
     assert m["sink_batches_written_total"] >= 1
-    assert m["sink_batch_rows_count"] == m["sink_batches_written_total"]
+    # Each of the 223 records was in exactly one written batch (the histogram observes records
+    # per batch, rejected ones included, as batch_written's `rows` field does).
+    written = [e for e in proc.events() if e.get("event") == "batch_written"]
+    assert len(written) == m["sink_batches_written_total"]
+    assert m["sink_batch_rows_sum"] == sum(e["rows"] for e in written) == 223
     assert m["sink_db_connected"] == 1
     assert m["sink_dlq_breaker_tripped"] == 0
     assert m["sink_seconds_since_last_commit"] < 60
@@ -114,17 +118,33 @@ def test_log_search_tells_each_records_fate(sink: tuple[testkit.SinkProcess, int
     testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == {2: 4}, 60, what="commit")
     assert proc.stop() == 0
 
-    def search(offset: int) -> str:
+    def verdict(offset: int) -> list[list[str]]:
+        """The verdict block's lines (after `--- verdict for ...`), each split into words: the
+        matching log lines printed above it mention "inserted", "duplicates" and "dlq" for
+        every record of the batch, so only the verdict says what happened to this one."""
         res = subprocess.run([sys.executable, "-m", "sink", "logs", "search", str(proc.log_path), "--record",
                               f"{topic}:2:{offset}"], capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
-        return res.stdout.lower()
+        _, sep, block = res.stdout.partition(f"--- verdict for {topic}:2:{offset}\n")
+        assert sep, res.stdout
+        return [line.split() for line in block.splitlines()]
+
+    def kinds(lines: list[list[str]]) -> list[str]:
+        return [words[0] for words in lines]
 
     assert [s.offset for s in sent] == [0, 1, 2, 3]
-    assert "inserted" in search(0)
-    assert "duplicate" in search(2)
-    out = search(3)
-    assert "dlq" in out and "invalidjson" in out
+    first = verdict(0)
+    assert kinds(first) == ["inserted", "committed"], first
+    assert first[0][2].startswith("batch_id=") and len(first[0]) == 3  # no "(...)" note: inserted, nothing else
+    dup = verdict(2)
+    assert kinds(dup) == ["duplicate", "committed"], dup
+    assert " ".join(dup[0][3:]) == "(already present in the table)"
+    bad = verdict(3)
+    # The verdict is chronological: the pipeline logs batch_written, then the batch's record_rejected lines.
+    assert kinds(bad) == ["written", "DLQ'd", "committed"], bad
+    written, rejected = bad[0], bad[1]
+    assert rejected[2:4] == ["stage=decode", "error_class=InvalidJson"], rejected
+    assert " ".join(written[3:]) == "(its batch; this record itself went to the DLQ)", written
 
 
 def test_tune_gc_freezes_the_startup_objects_and_collects_young_objects_less_often() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
+from structlog.testing import capture_logs
 
 from dev import services
 from sink.errors import FatalError
@@ -76,7 +77,12 @@ def test_an_authorization_error_stops_the_sink(source: KafkaSource) -> None:
 
 def test_a_transient_error_is_warned_about_and_the_records_around_it_kept(source: KafkaSource) -> None:
     source.consumer = Consumer([Msg(0), Msg(0, KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "not yet")), Msg(1)])
-    assert [r.offset for r in source.consume(10, 0.1)] == [0, 1]
+    with capture_logs() as logs:
+        assert [r.offset for r in source.consume(10, 0.1)] == [0, 1]
+    [warning] = [e for e in logs if e["event"] == "kafka_error"]
+    assert warning["log_level"] == "warning"
+    assert warning["error_class"] == "UNKNOWN_TOPIC_OR_PART"
+    assert "not yet" in warning["reason"]
 
 
 def test_broker_state_follows_the_statistics_both_ways_and_an_assignment_alone_proves_nothing(
