@@ -33,6 +33,7 @@ from sink.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from sink.health import HealthState
+    from sink.metrics import Metrics
 
 log = get_logger("sink.cli")
 T = TypeVar("T")
@@ -150,15 +151,16 @@ def run(settings: Settings) -> int:
         return stopping["now"]
 
     if settings.run_migrations:
-        _migrate(settings, stop_requested, health)
+        _migrate(settings, stop_requested, health, metrics)
     writer = PgWriter(settings.conninfo())
     spare_writer = PgWriter(settings.conninfo())  # a second connection: two batches' writes overlap
-    _startup_retry("db_connect", writer.connect, stop_requested, settings)
-    _startup_retry("db_connect", spare_writer.connect, stop_requested, settings)
+    _startup_retry("db_connect", writer.connect, stop_requested, settings, metrics)
+    _startup_retry("db_connect", spare_writer.connect, stop_requested, settings, metrics)
     if stopping["now"]:
         return EXIT_OK
     health.db_ok = True
-    dlq_max_bytes = _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested, settings)
+    dlq_max_bytes = _startup_retry("dlq_topic", lambda: ensure_dlq_topic(settings), stop_requested, settings,
+                                   metrics)
     if dlq_max_bytes is None:  # stop requested
         return EXIT_OK
 
@@ -168,7 +170,7 @@ def run(settings: Settings) -> int:
         committer = TransactionalCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
     else:
         committer = PlainCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
-    _startup_retry("init_transactions", committer.prepare, stop_requested, settings)
+    _startup_retry("init_transactions", committer.prepare, stop_requested, settings, metrics)
     breaker = DlqBreaker(DlqBreakerPolicy(enabled=settings.dlq_breaker_enabled, ratio=settings.dlq_breaker_ratio,
                                           window=settings.dlq_breaker_window,
                                           consecutive=settings.dlq_breaker_consecutive))
@@ -194,7 +196,8 @@ def run(settings: Settings) -> int:
     return EXIT_OK
 
 
-def _migrate(settings: Settings, stop_requested: Callable[[], bool], health: HealthState | None) -> None:
+def _migrate(settings: Settings, stop_requested: Callable[[], bool], health: HealthState | None,
+             metrics: Metrics | None = None) -> None:
     from sink.migrations import MigrationError, migrate
 
     def attempt() -> None:
@@ -216,7 +219,7 @@ def _migrate(settings: Settings, stop_requested: Callable[[], bool], health: Hea
     if health is not None:
         health.migrating = True  # /healthz stays 200 through a long migration statement
     try:
-        _startup_retry("migrate", attempt, stop_requested, settings)
+        _startup_retry("migrate", attempt, stop_requested, settings, metrics)
     finally:
         if health is not None:
             health.migrating = False
@@ -224,9 +227,10 @@ def _migrate(settings: Settings, stop_requested: Callable[[], bool], health: Hea
 
 
 def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[], bool],
-                   settings: Settings) -> T | None:
+                   settings: Settings, metrics: Metrics | None = None) -> T | None:
     """Retry a startup step while the database/broker is unreachable (RETRY_* settings, as the
-    loop's retries); stop on SIGTERM."""
+    loop's retries; counted in sink_retries_total, which /metrics serves from the start); stop
+    on SIGTERM."""
 
     def sleep(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -234,6 +238,8 @@ def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[],
             time.sleep(min(0.2, end - time.monotonic()))
 
     def before_sleep(state: RetryCallState) -> None:
+        if metrics is not None:
+            metrics.retries.labels(cause=cause).inc()
         log.warning("retrying", **retry_log_fields(cause, state))
 
     attempts = settings.retry_max_attempts

@@ -4,6 +4,7 @@ database, and the log search finds each record's fate."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -155,3 +156,26 @@ def test_tune_gc_freezes_the_startup_objects_and_collects_young_objects_less_oft
     before, after, raised = out.stdout.split()
     assert int(before) == 0 and int(after) > 10_000, out.stdout
     assert raised == "True"
+
+
+def test_startup_retries_show_in_metrics_while_the_database_is_unreachable(schema: str, topic: str, group: str,
+                                                                             logdir: Path) -> None:
+    port = free_port()
+    s = testkit.SinkProcess(testkit.sink_env(schema, topic, group, metrics_port=port, metrics_host="127.0.0.1",
+                                             TIMESCALE_PORT=testkit.closed_port(), TIMESCALE_CONNECT_TIMEOUT=1,
+                                             RETRY_INITIAL_BACKOFF=0.1, RETRY_MAX_BACKOFF=0.2),
+                            logdir / "sink.log").start()
+    try:
+        testkit.wait_for(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, what="/healthz")
+        # Stuck at the migrations' connection: /metrics says so, not only the log.
+        testkit.wait_for(lambda: scrape(port).get("sink_retries_total{cause=migrate}", 0) >= 2, 30,
+                         what="startup retries counted in /metrics")
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200  # alive: migrating
+        assert get(f"http://127.0.0.1:{port}/readyz")[0] == 503
+        logged = [e for e in s.events() if e["event"] == "retrying"]
+        assert logged and {e["cause"] for e in logged} == {"migrate"}
+        s.signal(signal.SIGTERM)
+        assert s.wait(30) == 0
+    finally:
+        if s.alive():
+            s.kill()
