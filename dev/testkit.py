@@ -34,7 +34,8 @@ def unique_name(prefix: str) -> str:
 
 
 def closed_port() -> int:
-    """A local port nothing listens on (bound for a moment, closed again)."""
+    """A local port nothing listens on (bound for a moment, closed again): one to bind a server
+    to, or one a client is refused on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -315,6 +316,19 @@ class SinkProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+
+    def stop_once_committed(self, group: str, topic: str, offsets: Mapping[int, int],
+                            timeout: float = 60) -> SinkProcess:
+        """Wait until the group's committed offsets on topic are exactly `offsets`, then stop
+        the sink cleanly (exit 0 asserted); it is killed instead if either fails."""
+        try:
+            wait_for(lambda: committed_offsets(group, topic) == offsets, timeout,
+                     what=f"offsets {dict(offsets)} committed")
+            assert self.stop() == 0
+        finally:
+            if self.alive():
+                self.kill()
+        return self
 
     def events(self) -> list[dict[str, Any]]:
         out = []

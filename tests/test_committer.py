@@ -58,13 +58,7 @@ def test_the_sink_registers_its_producer_before_it_consumes(schema: str, topic: 
                                                           logdir: Path) -> None:
     testkit.produce(topic, [b"not json"], partition=0)
     sink = testkit.SinkProcess(testkit.sink_env(schema, topic, group, KAFKA_TRANSACTIONAL_ID=f"{group}-tx"),
-                               logdir / "sink.log").start()
-    try:
-        testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == {0: 1}, 60, what="offset 1 committed")
-        assert sink.stop() == 0
-    finally:
-        if sink.alive():
-            sink.kill()
+                               logdir / "sink.log").start().stop_once_committed(group, topic, {0: 1})
     events = [e["event"] for e in sink.events()]
     ready = [e for e in sink.events() if e["event"] == "kafka_transactions_ready"]
     assert [e["transactional_id"] for e in ready] == [f"{group}-tx"]  # once, with the configured id

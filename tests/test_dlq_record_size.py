@@ -55,15 +55,8 @@ def _max_message_bytes(topic: str) -> int:
 
 def _drain(schema: str, topic: str, group: str, dlq_topic: str, logdir: Path) -> testkit.SinkProcess:
     """Run the sink until it committed both records of partition 0, then stop it cleanly."""
-    sink = testkit.SinkProcess(testkit.sink_env(schema, topic, group, KAFKA_DLQ_TOPIC=dlq_topic),
-                               logdir / "sink.log").start()
-    try:
-        testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == {0: 2}, 60, what="offset 2 committed")
-        assert sink.stop() == 0
-    finally:
-        if sink.alive():
-            sink.kill()
-    return sink
+    return testkit.SinkProcess(testkit.sink_env(schema, topic, group, KAFKA_DLQ_TOPIC=dlq_topic),
+                               logdir / "sink.log").start().stop_once_committed(group, topic, {0: 2})
 
 
 def _small_topic(name: str) -> None:

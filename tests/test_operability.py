@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -20,12 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from dev import services, testkit
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str]:
@@ -51,7 +44,7 @@ def scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture
 def sink(schema: str, topic: str, group: str, logdir: Path) -> Iterator[tuple[testkit.SinkProcess, int]]:
-    port = free_port()
+    port = testkit.closed_port()
     s = testkit.SinkProcess(testkit.sink_env(schema, topic, group, metrics_port=port, metrics_host="127.0.0.1"),
                             logdir / "sink.log").start()
     testkit.wait_for(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, what="/healthz")
@@ -160,7 +153,7 @@ def test_tune_gc_freezes_the_startup_objects_and_collects_young_objects_less_oft
 
 def test_startup_retries_show_in_metrics_while_the_database_is_unreachable(schema: str, topic: str, group: str,
                                                                              logdir: Path) -> None:
-    port = free_port()
+    port = testkit.closed_port()
     s = testkit.SinkProcess(testkit.sink_env(schema, topic, group, metrics_port=port, metrics_host="127.0.0.1",
                                              TIMESCALE_PORT=testkit.closed_port(), TIMESCALE_CONNECT_TIMEOUT=1,
                                              RETRY_INITIAL_BACKOFF=0.1, RETRY_MAX_BACKOFF=0.2),
