@@ -91,6 +91,7 @@ FIELDS: dict[str, str] = {
     "insert_ms": "of a batch's write, the milliseconds in its INSERT statement (the database's work)",
     "attempt": "retry attempt number",
     "delay_s": "seconds until the next attempt",
+    "stack": "fatal_error of the watchdog: the innermost frames of the call that did not return",
     "cause": "what is being retried (db_write, commit, db_connect, migrate, ...; docs/logging.md)",
     "transactional_id": "transactional.id of the DLQ/offset producer (`KAFKA_TRANSACTIONAL_ID`)",
 }
