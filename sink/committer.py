@@ -50,8 +50,10 @@ class OffsetSink(Protocol):
 
 
 def producer_config(settings: Settings, transactional: bool,
-                    dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """dlq_max_bytes: the largest record the DLQ topic takes (its max.message.bytes)."""
+                    dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+                    transactional_id: str | None = None) -> dict[str, Any]:
+    """dlq_max_bytes: the largest record the DLQ topic takes (its max.message.bytes).
+    transactional_id: when not configured, the one to use (default: a new unique one)."""
     conf: dict[str, Any] = {
         **settings.kafka_extra_config,
         "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -71,14 +73,25 @@ def producer_config(settings: Settings, transactional: bool,
         # Zombie fencing comes from the consumer group metadata (KIP-447), so the id only has
         # to be unique.  A stable one (KAFKA_TRANSACTIONAL_ID, e.g. the pod name) also lets a
         # restarted instance abort its predecessor's open transaction at once.
-        conf["transactional.id"] = settings.kafka_transactional_id or (
-            f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        )
+        conf["transactional.id"] = (settings.kafka_transactional_id or transactional_id
+                                    or unique_transactional_id(settings))
         # A transaction lives for milliseconds (produce + send offsets + commit).  Keep the
         # timeout short: the offsets of a killed instance's open transaction stay "pending"
         # (consumers of the group wait on them) until the broker aborts it after this.
         conf["transaction.timeout.ms"] = 10_000
+        # When every broker is down, librdkafka 2.16 re-bootstraps and decommissions the brokers
+        # it learned, but its producer keeps the decommissioned one as the group coordinator:
+        # the first send_offsets_to_transaction() after the brokers are back then waits for
+        # ever, past its timeout (librdkafka#5511 with #5456; measured: each broker restart in
+        # chaos_tests ended in the watchdog's exit).  Without re-bootstrap the producer
+        # reconnects to the brokers it knows; one that cannot is replaced, and a new one
+        # bootstraps from bootstrap.servers (TransactionalCommitter._discard).
+        conf.setdefault("metadata.recovery.strategy", "none")
     return conf
+
+
+def unique_transactional_id(settings: Settings) -> str:
+    return f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 _LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000  # the largest message.max.bytes librdkafka accepts
@@ -137,6 +150,9 @@ class TransactionalCommitter:
         self._timeout = timeout
         self._dlq_max_bytes = dlq_max_bytes
         _, self._limit = sized_config(settings, True, dlq_max_bytes)
+        # One id for every producer this committer makes: a replacement's init_transactions()
+        # fences its predecessor and has the broker abort that one's open transaction at once.
+        self._transactional_id = settings.kafka_transactional_id or unique_transactional_id(settings)
         self._producer: Producer | None = None
         self._in_txn = False
         # What the transaction whose commit_transaction() timed out holds, while librdkafka
@@ -152,7 +168,8 @@ class TransactionalCommitter:
 
     def _ensure_producer(self) -> Producer:
         if self._producer is None:
-            conf = producer_config(self._settings, transactional=True, dlq_max_bytes=self._dlq_max_bytes)
+            conf = producer_config(self._settings, transactional=True, dlq_max_bytes=self._dlq_max_bytes,
+                                   transactional_id=self._transactional_id)
             p = Producer(conf)
             try:
                 p.init_transactions(self._timeout)
@@ -208,11 +225,17 @@ class TransactionalCommitter:
             self._commit(p, work)
         except KafkaException as e:
             err = _kafka_error(e)
-            if err is not None and err.txn_requires_abort():
-                self._abort(p)
             if _too_large(err) or any(map(_too_large, refused)):
                 self._lower_limit()
-            raise self._classify(err, "dlq_commit") from e
+            out = self._classify(err, "dlq_commit")
+            # Nothing of a transaction that failed before its commit is committed.  Aborting it
+            # and going on with this producer is not enough: what it still has in flight to a
+            # broker that went away is retried into the next transaction with a sequence gap,
+            # whose abortable error librdkafka 2.16 can leave send_offsets_to_transaction()
+            # waiting on for ever (measured: chaos broker_sigkill, until the watchdog's exit).
+            # A new producer under the same transactional.id fences this one instead.
+            self._discard(p)
+            raise out from e
 
     def _lower_limit(self) -> None:
         self._dlq_max_bytes = lower_limit(self._limit)
@@ -248,6 +271,16 @@ class TransactionalCommitter:
             self._in_txn = False
         except KafkaException:
             self._drop_producer()
+
+    def _discard(self, p: Producer) -> None:
+        """Drop the producer without waiting on the broker: its queued and in-flight records
+        are purged (their transaction is aborted by the broker when the next producer
+        registers)."""
+        if p is self._producer:
+            self._drop_producer()
+        with contextlib.suppress(KafkaException, RuntimeError):
+            p.purge(in_queue=True, in_flight=True, blocking=False)
+            p.poll(0)
 
     def close(self) -> None:
         p = self._producer

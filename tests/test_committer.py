@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer
 
 from dev import services, testkit
 from sink.committer import TransactionalCommitter
 from sink.envelope import H_FAILED_AT, H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord
-from sink.errors import RetryableError
+from sink.errors import FatalError, RetryableError
 from sink.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -112,3 +115,83 @@ def test_close_after_a_commit_timed_out_does_not_raise(infra: None, topic: str) 
         with pytest.raises(RetryableError):
             committer.complete([_dlq_record(b"2026-11-28T06:00:00.001Z")], {})
         committer.close()  # shutdown while the broker still does not answer
+
+
+class GroupOf:
+    """An OffsetSink over a real consumer in the group: its metadata fences the transaction.
+    Taken by the test's thread (snapshot()): a consumer is not called from two threads."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.metadata: Any = None
+
+    def snapshot(self) -> None:
+        self.metadata = self.consumer.consumer_group_metadata()
+
+    def group_metadata(self) -> Any:
+        return self.metadata
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        raise AssertionError("a transactional committer never commits offsets on the consumer")
+
+
+def _bounded(call: Callable[[], None], limit: float, serve: Callable[[], None]) -> BaseException | None:
+    """Run `call` in a thread, serving `serve` meanwhile; fail if it does not return in `limit`
+    (a hung librdkafka call would hang the test too)."""
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            out.append(None)
+        except BaseException as e:  # handed to the caller's assertion
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    while t.is_alive() and time.monotonic() - t0 < limit:
+        serve()
+    assert not t.is_alive(), f"complete() did not return in {limit:.0f}s: a librdkafka call ignored its timeout"
+    return out[0]
+
+
+def test_the_first_transaction_after_a_broker_restart_returns_and_commits(infra: None, topic: str,
+                                                                         group: str) -> None:
+    # When every broker is down, librdkafka 2.16 re-bootstraps and decommissions the brokers it
+    # learned; its producer kept the decommissioned broker as group coordinator and
+    # send_offsets_to_transaction() waited for ever (librdkafka#5511): the sink's watchdog exit.
+    testkit.produce(topic, [b"x"] * 3, partition=0)
+    consumer = Consumer({"bootstrap.servers": services.KAFKA_BOOTSTRAP, "group.id": group,
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
+    consumer.subscribe([topic])
+    source = GroupOf(consumer)
+    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP),
+                                       source, f"{topic}.dlq", timeout=5.0)
+    try:
+        testkit.wait_for(lambda: consumer.poll(0.5) is not None, 30, what="the consumer's first record")
+        committer.prepare()
+        source.snapshot()
+        committer.complete([], {(topic, 0): 1})  # the producer now knows the group coordinator
+        services.stop_kafka(kill=True)
+        time.sleep(1)
+        services.start_kafka()
+        deadline, committed, attempts = time.monotonic() + 120, False, 0
+        while not committed:
+            assert time.monotonic() < deadline, "the offsets were never committed after the broker came back"
+            attempts += 1
+            source.snapshot()
+            # Legitimately at most a few calls of 5 s each (init, send offsets, commit x3).
+            record = _dlq_record(f"2026-11-28T06:00:{attempts:02d}.001Z".encode())  # this retry's envelope
+            err = _bounded(lambda r=record: committer.complete([r], {(topic, 0): 2}), 45, lambda: consumer.poll(0.2))
+            assert err is None or isinstance(err, RetryableError | FatalError), repr(err)
+            committed = err is None
+            if not committed:
+                consumer.poll(1.0)  # rejoin the group: a stale generation is refused
+    finally:
+        committer.close()
+        consumer.close()
+    assert testkit.committed_offsets(group, topic).get(0) == 2, attempts
+    # Each failed attempt's DLQ record was aborted with its transaction: one is visible.
+    assert [(r.key, r.value) for r in testkit.read_all(f"{topic}.dlq")] == [(b"k", b"not json")], attempts
