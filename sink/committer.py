@@ -228,12 +228,12 @@ class TransactionalCommitter:
             if _too_large(err) or any(map(_too_large, refused)):
                 self._lower_limit()
             out = self._classify(err, "dlq_commit")
-            # Nothing of a transaction that failed before its commit is committed.  Aborting it
-            # and going on with this producer is not enough: what it still has in flight to a
-            # broker that went away is retried into the next transaction with a sequence gap,
-            # whose abortable error librdkafka 2.16 can leave send_offsets_to_transaction()
-            # waiting on for ever (measured: chaos broker_sigkill, until the watchdog's exit).
-            # A new producer under the same transactional.id fences this one instead.
+            # A transaction that failed (not a commit that timed out: that one is resumed, see
+            # _commit) is not committed.  Aborting it and going on with this producer is not
+            # enough: what it still had in flight to a broker that went away came back into the
+            # next transaction with a sequence gap and failed that one too (OUT_OF_ORDER_SEQUENCE_
+            # NUMBER, chaos broker_sigkill with debug=eos).  A new producer under the same
+            # transactional.id fences this one instead, and bootstraps afresh.
             self._discard(p)
             raise out from e
 
