@@ -174,22 +174,10 @@ class TransactionalCommitter:
             try:
                 p.init_transactions(self._timeout)
             except KafkaException as e:
-                raise self._classify(_kafka_error(e), "init_transactions", reset=True) from e
+                raise _classify(_kafka_error(e), "init_transactions") from e  # p is not kept
             self._producer = p
             log.info("kafka_transactions_ready", topic=self._topic, transactional_id=conf["transactional.id"])
         return self._producer
-
-    def _classify(self, err: Any, cause: str, reset: bool = False) -> Exception:
-        out = classify_kafka_error(err, cause)
-        if isinstance(out, FatalError) and err is not None and (err.code() in _FENCED or (
-                err.fatal() and "AUTHORIZATION" not in err.name())):
-            # Fenced, or the producer reached a fatal state (e.g. INVALID_TXN_STATE after a broker
-            # restart): the rows are written, so a fresh producer (new epoch) redoes the Kafka side.
-            out = RetryableError(cause, f"{err.name()}: {err.str()}")
-            reset = True
-        if reset or (err is not None and err.fatal()):
-            self._drop_producer()
-        return out
 
     def _drop_producer(self) -> None:
         self._producer = None
@@ -227,20 +215,20 @@ class TransactionalCommitter:
             err = _kafka_error(e)
             if _too_large(err) or any(map(_too_large, refused)):
                 self._lower_limit()
-            out = self._classify(err, "dlq_commit")
+            out = _classify(err, "dlq_commit")
             # A transaction that failed (not a commit that timed out: that one is resumed, see
             # _commit) is not committed.  Aborting it and going on with this producer is not
             # enough: what it still had in flight to a broker that went away came back into the
             # next transaction with a sequence gap and failed that one too (OUT_OF_ORDER_SEQUENCE_
             # NUMBER, chaos broker_sigkill with debug=eos).  A new producer under the same
-            # transactional.id fences this one instead, and bootstraps afresh.
+            # transactional.id fences this one instead, bootstraps afresh, and batches under
+            # the limit _lower_limit may just have lowered.
             self._discard(p)
             raise out from e
 
     def _lower_limit(self) -> None:
         self._dlq_max_bytes = lower_limit(self._limit)
         _, self._limit = sized_config(self._settings, True, self._dlq_max_bytes)
-        self._drop_producer()  # the next one batches under the new limit
 
     def _produce(self, p: Producer, rec: DlqRecord, refused: list[Any]) -> None:
         def on_delivery(err: Any, _msg: Any) -> None:
@@ -276,8 +264,7 @@ class TransactionalCommitter:
         """Drop the producer without waiting on the broker: its queued and in-flight records
         are purged (their transaction is aborted by the broker when the next producer
         registers)."""
-        if p is self._producer:
-            self._drop_producer()
+        self._drop_producer()
         with contextlib.suppress(KafkaException, RuntimeError):
             p.purge(in_queue=True, in_flight=True, blocking=False)
             p.poll(0)
@@ -296,6 +283,16 @@ class TransactionalCommitter:
             self._abort(p)
         p.flush(5)
         self._drop_producer()
+
+
+def _classify(err: Any, cause: str) -> Exception:
+    out = classify_kafka_error(err, cause)
+    if isinstance(out, FatalError) and err is not None and (err.code() in _FENCED or (
+            err.fatal() and "AUTHORIZATION" not in err.name())):
+        # Fenced, or the producer reached a fatal state (e.g. INVALID_TXN_STATE after a broker
+        # restart): the rows are written, so a fresh producer (new epoch) redoes the Kafka side.
+        out = RetryableError(cause, f"{err.name()}: {err.str()}")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
