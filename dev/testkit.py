@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -27,6 +28,7 @@ from dev import services
 from sink.produce import produce_waiting
 
 ROOT = services.ROOT
+T = TypeVar("T")
 
 
 def unique_name(prefix: str) -> str:
@@ -360,3 +362,26 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = 
             return last
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last={last!r})")
+
+
+def call_bounded(fn: Callable[[], T], limit: float, what: str,
+                 serve: Callable[[], object] | None = None) -> T | BaseException:
+    """fn() in a daemon thread: its result, or the exception it raised.  Fails the test (`what`)
+    if it has not returned in `limit` seconds, so a call that hangs cannot hang the test.
+    `serve` is called over and over meanwhile (e.g. a consumer's poll, which must go on)."""
+    out: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed to the caller's assertions
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    while serve is not None and t.is_alive() and time.monotonic() - t0 < limit:
+        serve()
+    t.join(timeout=max(0.0, limit - (time.monotonic() - t0)))
+    assert out, what
+    return out[0]

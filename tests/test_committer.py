@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -135,27 +134,6 @@ class GroupOf:
         raise AssertionError("a transactional committer never commits offsets on the consumer")
 
 
-def _bounded(call: Callable[[], None], limit: float, serve: Callable[[], None]) -> BaseException | None:
-    """Run `call` in a thread, serving `serve` meanwhile; fail if it does not return in `limit`
-    (a hung librdkafka call would hang the test too)."""
-    out: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            out.append(None)
-        except BaseException as e:  # handed to the caller's assertion
-            out.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t0 = time.monotonic()
-    t.start()
-    while t.is_alive() and time.monotonic() - t0 < limit:
-        serve()
-    assert not t.is_alive(), f"complete() did not return in {limit:.0f}s: a librdkafka call ignored its timeout"
-    return out[0]
-
-
 def test_the_first_transaction_after_a_broker_restart_returns_and_commits(infra: None, topic: str,
                                                                          group: str) -> None:
     # When every broker is down, librdkafka 2.16 re-bootstraps and decommissions the brokers it
@@ -184,7 +162,9 @@ def test_the_first_transaction_after_a_broker_restart_returns_and_commits(infra:
             source.snapshot()
             # Legitimately at most a few calls of 5 s each (init, send offsets, commit x3).
             record = _dlq_record(f"2026-11-28T06:00:{attempts:02d}.001Z".encode())  # this retry's envelope
-            err = _bounded(lambda r=record: committer.complete([r], {(topic, 0): 2}), 45, lambda: consumer.poll(0.2))
+            err = testkit.call_bounded(lambda r=record: committer.complete([r], {(topic, 0): 2}), 45,
+                                       "complete() did not return in 45s: a librdkafka call ignored its timeout",
+                                       serve=lambda: consumer.poll(0.2))
             assert err is None or isinstance(err, RetryableError | FatalError), repr(err)
             committed = err is None
             if not committed:

@@ -371,20 +371,9 @@ def test_a_lock_not_granted_in_time_is_a_retryable_error_not_a_wait_for_ever(sch
     # give up after LOCK_TIMEOUT and let the caller retry, instead of waiting with every writer
     # queued behind it.
     migrate(settings_for(schema))
-    outcome: list[BaseException | MigrationReport] = []
     with testkit.connect(schema) as holder:
         holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [f"kafka-timescale-sink:schema:{schema}"])
-
-        def run() -> None:
-            try:
-                outcome.append(migrate(settings_for(schema)))
-            except BaseException as e:
-                outcome.append(e)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        t.join(timeout=30)
-        assert outcome, "migrate() still waiting for the lock after 30 s"
-    (err,) = outcome
+        err = testkit.call_bounded(lambda: migrate(settings_for(schema)), 30,
+                                   "migrate() still waiting for the lock after 30 s")
     assert isinstance(err, psycopg.Error) and err.sqlstate == "55P03"  # not a MigrationError: retried
     assert isinstance(classify_db_error(err, "migrate"), RetryableError)
