@@ -44,9 +44,12 @@ def test_table_locked_for_seconds_backpressures_with_bounded_memory_and_loses_no
             before = sc.checker.committed.copy()
             time.sleep(hold)
             stuck = sc.checker.committed == before
+            # Taken before the rollback: the server releases the lock before it answers, so
+            # the sink's waiting INSERT (and its consumer_resumed line) can beat our next clock read.
+            releasing = datetime.now(UTC)
             conn.rollback()
             t_unlock = time.monotonic()
-            windows.append((hold, locked, datetime.now(UTC)))
+            windows.append((hold, locked, releasing))
         assert rss.peak(t_lock, t_unlock) > 0, "no RSS sample while the table was locked"
         growth.append(rss.peak(t_lock, t_unlock) - rss.at(t_lock))
         sc.note(f"lock {hold:.1f}s: RSS {rss.at(t_lock) / MiB:.0f} -> peak {rss.peak(t_lock, t_unlock) / MiB:.0f} MiB, "
@@ -61,11 +64,14 @@ def test_table_locked_for_seconds_backpressures_with_bounded_memory_and_loses_no
     assert any("55P03" in r for r in reasons), f"no lock-timeout retry logged: {reasons[:3]}"
     # Backpressure: while its write was failing on the lock held past lock_timeout, the sink
     # paused consumption (instead of reading on into memory), and resumed once the write went in.
-    [(_, locked, unlocked)] = [w for w in windows if w[0] > WRITER_LOCK_TIMEOUT]
+    [(_, locked, releasing)] = [w for w in windows if w[0] > WRITER_LOCK_TIMEOUT]
     paused = [_when(e) for e in events if e["event"] == "consumer_paused"]
-    assert any(locked <= t <= unlocked for t in paused), (
-        f"no consumer_paused while the table was locked ({locked} .. {unlocked}): {paused}")
-    assert any(_when(e) > unlocked for e in events if e["event"] == "consumer_resumed"), "never resumed"
+    resumed = [_when(e) for e in events if e["event"] == "consumer_resumed"]
+    assert any(locked <= t <= releasing for t in paused), (
+        f"no consumer_paused while the table was locked ({locked} .. {releasing}): {paused}")
+    assert not any(locked <= t <= releasing for t in resumed), (
+        f"consumption resumed while the write still failed on the lock ({locked} .. {releasing}): {resumed}")
+    assert any(t > releasing for t in resumed), f"never resumed after the lock was released at {releasing}: {resumed}"
     assert max(growth) < 64 * MiB, f"RSS grew by {max(growth) / MiB:.0f} MiB while the table was locked"
     assert sink.stop() == 0
 
