@@ -53,7 +53,7 @@ def producer_config(settings: Settings, transactional: bool,
                     dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
                     transactional_id: str | None = None) -> dict[str, Any]:
     """dlq_max_bytes: the largest record the DLQ topic takes (its max.message.bytes).
-    transactional_id: when not configured, the one to use (default: a new unique one)."""
+    transactional_id: the one to use (default: transactional_id_for(settings))."""
     conf: dict[str, Any] = {
         **settings.kafka_extra_config,
         "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -73,8 +73,7 @@ def producer_config(settings: Settings, transactional: bool,
         # Zombie fencing comes from the consumer group metadata (KIP-447), so the id only has
         # to be unique.  A stable one (KAFKA_TRANSACTIONAL_ID, e.g. the pod name) also lets a
         # restarted instance abort its predecessor's open transaction at once.
-        conf["transactional.id"] = (settings.kafka_transactional_id or transactional_id
-                                    or unique_transactional_id(settings))
+        conf["transactional.id"] = transactional_id or transactional_id_for(settings)
         # A transaction lives for milliseconds (produce + send offsets + commit).  Keep the
         # timeout short: the offsets of a killed instance's open transaction stay "pending"
         # (consumers of the group wait on them) until the broker aborts it after this.
@@ -90,8 +89,11 @@ def producer_config(settings: Settings, transactional: bool,
     return conf
 
 
-def unique_transactional_id(settings: Settings) -> str:
-    return f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+def transactional_id_for(settings: Settings) -> str:
+    """KAFKA_TRANSACTIONAL_ID if set, else a new unique id (each call makes another)."""
+    return settings.kafka_transactional_id or (
+        f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    )
 
 
 _LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000  # the largest message.max.bytes librdkafka accepts
@@ -152,7 +154,7 @@ class TransactionalCommitter:
         _, self._limit = sized_config(settings, True, dlq_max_bytes)
         # One id for every producer this committer makes: a replacement's init_transactions()
         # fences its predecessor and has the broker abort that one's open transaction at once.
-        self._transactional_id = settings.kafka_transactional_id or unique_transactional_id(settings)
+        self._transactional_id = transactional_id_for(settings)
         self._producer: Producer | None = None
         self._in_txn = False
         # What the transaction whose commit_transaction() timed out holds, while librdkafka
