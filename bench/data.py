@@ -30,9 +30,13 @@ class Dataset:
     """N Kafka values and the oracle: which are invalid, which rows must land."""
 
     values: list[bytes]
-    invalid: int
+    invalid_indexes: tuple[int, ...]  # positions in `values` of the records the model rejects
     valid_rows: list[Row]  # every valid record's row, in input order, repeats included
     expected: dict[tuple[Any, ...], frozenset[Row]]  # primary key -> the rows that may hold it
+
+    @property
+    def invalid(self) -> int:
+        return len(self.invalid_indexes)
 
     @property
     def distinct_rows(self) -> list[Row]:
@@ -62,17 +66,17 @@ def make_dataset(count: int, seed: int = 8) -> Dataset:
                           duplicate_share=DUPLICATE_SHARE, start=time.time() - count / 1000))
     validate = IotMeasurement.__pydantic_validator__.validate_json
     rows: list[Row] = []
-    invalid = 0
+    invalid: list[int] = []
     expected: dict[tuple[Any, ...], set[Row]] = {}
-    for v in values:
+    for i, v in enumerate(values):
         try:
             row: Row = as_row(validate(v))
         except ValidationError:
-            invalid += 1
+            invalid.append(i)
             continue
         rows.append(row)
         expected.setdefault(pk_of(row), set()).add(row)
-    return Dataset(values, invalid, rows, {k: frozenset(v) for k, v in expected.items()})
+    return Dataset(values, tuple(invalid), rows, {k: frozenset(v) for k, v in expected.items()})
 
 
 def preload(topic: str, values: Sequence[bytes]) -> dict[int, int]:

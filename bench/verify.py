@@ -7,12 +7,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from bench.data import PARTITIONS, Dataset, pk_of
 from dev import testkit
 from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC
-from sink.model import IotMeasurement
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,6 @@ def verify(data: Dataset, *, schema: str, topic: str, group: str, dlq_topic: str
     missing = sum(1 for k in data.expected if k not in keys)
     dlq = testkit.read_all(dlq_topic, timeout=60)
     expected_origins: Counter[tuple[str, int, int] | None] = Counter((topic, p, o) for p, o in invalid_positions(data))
-    if len(expected_origins) != data.invalid:
-        raise RuntimeError(f"{len(expected_origins)} invalid positions, the dataset's oracle says {data.invalid}")
     origins = Counter(_origin(r.headers) for r in dlq)
     return Verdict(rows_expected=len(data.expected), rows_found=len(found), rows_missing=missing,
                    rows_unexpected=unexpected, dlq_expected=data.invalid, dlq_found=len(dlq),
@@ -69,15 +64,8 @@ def verify(data: Dataset, *, schema: str, topic: str, group: str, dlq_topic: str
 def invalid_positions(data: Dataset) -> list[tuple[int, int]]:
     """(partition, offset) of each invalid value in the pre-loaded topic: bench.data.preload sends
     value i to partition i % PARTITIONS of a fresh topic, in order, from one idempotent producer,
-    so it lands at offset i // PARTITIONS.  Invalid as the oracle (make_dataset) decides."""
-    validate = IotMeasurement.__pydantic_validator__.validate_json
-    out = []
-    for i, v in enumerate(data.values):
-        try:
-            validate(v)
-        except ValidationError:
-            out.append((i % PARTITIONS, i // PARTITIONS))
-    return out
+    so it lands at offset i // PARTITIONS.  Invalid as the oracle (make_dataset) decided."""
+    return [(i % PARTITIONS, i // PARTITIONS) for i in data.invalid_indexes]
 
 
 def _origin(headers: Mapping[str, bytes]) -> tuple[str, int, int] | None:
