@@ -87,17 +87,8 @@ class LogTail:
         return [e for e in self.events if e.get("event") == name]
 
 
-def covered(committed: Sequence[Mapping[str, Any]]) -> dict[int, int]:
-    """Next offset per partition covered by batch_committed lines (their inclusive ranges)."""
-    out: dict[int, int] = {}
-    for e in committed:
-        for p, (_, last) in e.get("offsets", {}).items():
-            out[int(p)] = max(out.get(int(p), 0), int(last) + 1)
-    return out
-
-
 def reached(ends: Mapping[int, int], committed: Sequence[Mapping[str, Any]]) -> bool:
-    have = covered(committed)
+    have = testkit.covered_offsets(committed)
     return all(have.get(p, 0) >= end for p, end in ends.items() if end > 0)
 
 
@@ -132,7 +123,7 @@ def wait_drained(sink: BenchSink, tail: LogTail, ends: Mapping[int, int], timeou
                            + sink.log_text()[-3000:])
         time.sleep(0.05)
     raise TimeoutError(f"sink did not commit up to {dict(ends)} in {timeout}s "
-                       f"(covered {covered(tail.named('batch_committed'))})")
+                       f"(covered {testkit.covered_offsets(tail.named('batch_committed'))})")
 
 
 @dataclass(frozen=True)

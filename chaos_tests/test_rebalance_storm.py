@@ -82,11 +82,7 @@ def test_partitions_that_return_after_a_rebalance_during_a_database_stall_are_co
     assert assigned and b_partitions <= set(assigned[-1]), f"A was not given B's partitions back: {assigned}"
     # A itself committed B's former partitions up to their end (the records sent after the kill).
     ends = testkit.end_offsets(sc.topic)
-    committed_by_a: dict[int, int] = {}
-    for e in after:
-        if e["event"] == "batch_committed":
-            for p, (_, last) in e["offsets"].items():
-                committed_by_a[int(p)] = max(committed_by_a.get(int(p), 0), last + 1)
+    committed_by_a = testkit.covered_offsets(e for e in after if e["event"] == "batch_committed")
     assert {p: committed_by_a.get(p) for p in b_partitions} == {p: ends[p] for p in b_partitions}
     assert a.stop() == 0
 

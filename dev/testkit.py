@@ -194,6 +194,16 @@ def end_offsets(topic: str, *, bootstrap: str | None = None) -> dict[int, int]:
         c.close()
 
 
+def covered_offsets(committed: Iterable[Mapping[str, Any]]) -> dict[int, int]:
+    """Next offset per partition covered by a sink's batch_committed log lines (their
+    ``offsets`` = {"<partition>": [first, last]}, inclusive ranges)."""
+    out: dict[int, int] = {}
+    for e in committed:
+        for p, (_, last) in e.get("offsets", {}).items():
+            out[int(p)] = max(out.get(int(p), 0), int(last) + 1)
+    return out
+
+
 def committed_offsets(group: str, topic: str, *, bootstrap: str | None = None) -> dict[int, int]:
     """The group's committed offsets per partition (missing = nothing committed)."""
     c = Consumer({"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP, "group.id": group,
