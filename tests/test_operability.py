@@ -4,7 +4,6 @@ database, and the log search finds each record's fate."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -167,8 +166,7 @@ def test_startup_retries_show_in_metrics_while_the_database_is_unreachable(schem
         assert get(f"http://127.0.0.1:{port}/readyz")[0] == 503
         logged = [e for e in s.events() if e["event"] == "retrying"]
         assert logged and {e["cause"] for e in logged} == {"migrate"}
-        s.signal(signal.SIGTERM)
-        assert s.wait(30) == 0
+        assert s.stop() == 0
     finally:
         if s.alive():
             s.kill()
