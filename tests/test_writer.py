@@ -95,3 +95,17 @@ def test_a_write_waiting_for_the_previous_batch_keeps_its_session(schema: str, m
     with pytest.raises(RetryableError):
         w.write(rows, done.wait)
     w.close()
+
+
+def test_statements_are_never_prepared_on_the_server(schema: str) -> None:
+    # psycopg prepares a statement on its 6th run on a connection, in a round trip of its own;
+    # the writer sends each INSERT whole instead (sink/writer.py, connect).
+    w = writer(schema)
+    rnd = random.Random(3)
+    for i in range(8):
+        w.write([row(rnd, 10 * i + j) for j in range(10)])
+    conn = w._conn
+    assert conn is not None
+    assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+    conn.rollback()
+    w.close()
