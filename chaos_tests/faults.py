@@ -11,6 +11,7 @@ import threading
 import time
 
 from dev import services, testkit
+from sink.settings import APPLICATION_NAME
 
 
 def rss_kib(pid: int) -> int | None:
@@ -133,5 +134,5 @@ def terminate_sink_backends(busy_only: bool = True) -> int:
     with testkit.connect() as conn:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE application_name = 'kafka-timescale-sink' AND pid <> pg_backend_pid() {state}").fetchall()
+            f"WHERE application_name = %s AND pid <> pg_backend_pid() {state}", [APPLICATION_NAME]).fetchall()
     return sum(1 for (ok,) in rows if ok)

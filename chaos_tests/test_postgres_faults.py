@@ -14,6 +14,7 @@ from chaos_tests.faults import RssSampler, terminate_sink_backends
 from chaos_tests.harness import Scenario
 from dev import services, testkit
 from dev.proxy import TcpProxy
+from sink.settings import APPLICATION_NAME
 
 pytestmark = pytest.mark.chaos
 
@@ -132,7 +133,7 @@ class _SessionTrace:
                     "       left(a.query, 24), "
                     "       (SELECT string_agg(DISTINCT l.transactionid::text, ',') FROM pg_locks l "
                     "        WHERE l.pid = a.pid AND NOT l.granted AND l.locktype = 'transactionid') "
-                    "FROM pg_stat_activity a WHERE a.application_name = 'kafka-timescale-sink'").fetchall()
+                    "FROM pg_stat_activity a WHERE a.application_name = %s", [APPLICATION_NAME]).fetchall()
                 now = time.monotonic() - self._t0
                 self.polls += 1
                 seen = set()
@@ -153,7 +154,7 @@ def _sink_backends() -> list[tuple[int, str, str, str]]:
     with testkit.connect() as conn:
         return [(int(pid), str(state), str(query), str(wait)) for pid, state, query, wait in conn.execute(
             "SELECT pid, state, query, wait_event_type FROM pg_stat_activity "
-            "WHERE application_name = 'kafka-timescale-sink'")]
+            "WHERE application_name = %s", [APPLICATION_NAME])]
 
 
 def test_connection_reset_while_its_backend_stays_in_a_transaction_does_not_wedge_the_sink(

@@ -9,6 +9,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # librdkafka keys the sink sets itself; passing them through would break its guarantees.
+# The sink's database sessions say who they are (pg_stat_activity.application_name).
+APPLICATION_NAME = "kafka-timescale-sink"
+
 _RESERVED_KAFKA_KEYS = frozenset(
     {"enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers"}
 )
@@ -139,7 +142,7 @@ class Settings(BaseSettings):
             user=self.timescale_user,
             password=self.timescale_password.get_secret_value(),
             connect_timeout=self.timescale_connect_timeout,
-            application_name="kafka-timescale-sink",
+            application_name=APPLICATION_NAME,
             # Notice a dead peer in about a minute, not after the kernel's two hours.
             keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
             tcp_user_timeout=60_000,
