@@ -283,7 +283,9 @@ class TransactionalCommitter:
                 self._in_txn = False
         elif self._in_txn:
             self._abort(p)
-        p.flush(5)
+        # Bounded like every other call here: a shutdown against a broker that does not answer
+        # takes the committer's timeout per step, not a fixed 5 s more.
+        p.flush(min(5.0, self._timeout))
         self._drop_producer()
 
 

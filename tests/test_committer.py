@@ -74,16 +74,26 @@ def _dlq_record(failed_at: bytes) -> DlqRecord:
                                          (H_FAILED_AT, failed_at)))
 
 
+_MAX_FREEZE_S = 7.0
+
+
 @contextmanager
 def _broker_frozen() -> Iterator[None]:
-    """SIGSTOP the broker: requests go unanswered (a coordinator that does not reply in time)."""
+    """SIGSTOP the broker: requests go unanswered (a coordinator that does not reply in time).
+
+    Kept under the broker's session timeout (broker.session.timeout.ms, 9 s by default): a
+    longer stop makes its own controller fence it when it resumes, and every partition of the
+    shared dev broker goes leaderless for a while, failing a later test's create_topics."""
     pid = services.kafka_pid()
     assert pid is not None, "the local broker is not running"
     os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
     try:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+        frozen = time.monotonic() - t0
+    assert frozen < _MAX_FREEZE_S, f"the broker was stopped {frozen:.1f}s: its controller fences it after 9s"
 
 
 def test_a_commit_that_timed_out_is_resumed_and_the_batch_is_committed_once(infra: None, topic: str) -> None:
