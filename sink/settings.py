@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# librdkafka keys the sink sets itself; passing them through would break its guarantees.
 # The sink's database sessions say who they are (pg_stat_activity.application_name).
 APPLICATION_NAME = "kafka-timescale-sink"
 
+# librdkafka keys the sink sets itself; passing them through would break its guarantees.
 _RESERVED_KAFKA_KEYS = frozenset(
     {"enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers"}
 )
