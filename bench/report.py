@@ -46,6 +46,9 @@ def timed_figures(t: Timed) -> dict[str, Any]:
 
 
 _YARDSTICKS = ("reference", "ceiling", "reference_psycopg2")
+# Issue 8's throughput targets, each a ratio of two numbers measured in the same run.
+TARGET_VS_REFERENCE = 3.0
+TARGET_VS_CEILING = 0.5
 
 
 def medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -66,7 +69,34 @@ def medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             if base:
                 ratios.setdefault(label, {})[f"vs_{method}"] = round(figures["records_per_s"] / base, 2)
     out["ratios"] = ratios
+    out["per_run"] = {label: per_run(runs, label) for label in labels}
     return out
+
+
+def per_run(runs: Sequence[Mapping[str, Any]], label: str = "sink") -> dict[str, Any]:
+    """The sink's ratios to the reference and the ceiling run by run (the targets compare numbers
+    of one run), and in how many runs both targets held.  Runs without both yardsticks are left out."""
+    vs_ref: list[float] = []
+    vs_ceiling: list[float] = []
+    for r in runs:
+        sink = r.get("sinks", {}).get(label, {}).get("records_per_s")
+        ref = r.get("reference", {}).get("records_per_s")
+        ceiling = r.get("ceiling", {}).get("records_per_s")
+        if sink and ref and ceiling:
+            vs_ref.append(round(sink / ref, 2))
+            vs_ceiling.append(round(sink / ceiling, 2))
+    met = sum(1 for a, b in zip(vs_ref, vs_ceiling, strict=True)
+              if a >= TARGET_VS_REFERENCE and b >= TARGET_VS_CEILING)
+    return {"runs": len(vs_ref), "vs_reference": vs_ref, "vs_ceiling": vs_ceiling, "targets_met": met}
+
+
+def per_run_line(name: str, p: Mapping[str, Any]) -> str:
+    """One line: the per-run ranges and medians, and how often both targets held."""
+    ref, ceiling = p["vs_reference"], p["vs_ceiling"]
+    return (f"{name} per run: {min(ref):.2f}-{max(ref):.2f}x the reference (median {_median(ref):.2f}x), "
+            f"{min(ceiling):.2f}-{max(ceiling):.2f}x the ceiling (median {_median(ceiling):.2f}x); "
+            f">= {TARGET_VS_REFERENCE:g}x and >= {TARGET_VS_CEILING:g}x in the same run: "
+            f"{p['targets_met']} of {p['runs']}")
 
 
 def median_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -107,6 +137,9 @@ def table(summary: Mapping[str, Any], runs: int) -> str:
                  "sink timed from partition assignment to the last offset commit; CPU s = the client process, "
                  "DB CPU s = its PostgreSQL backends, Kafka CPU s = the broker while the sink drains, "
                  "INSERT busy = share of the drain in which the database ran one of the sink's INSERTs)")
+    for label, p in summary.get("per_run", {}).items():
+        if p["runs"]:
+            lines.append(per_run_line(label, p))
     for label, ratio in summary.get("ratios", {}).items():
         if "vs_reference_psycopg2" in ratio:
             lines.append(f"{label} vs the reference design run with psycopg 2's execute_batch itself: "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.report import medians, sink_figures, table
+from bench.pool import pool
+from bench.report import medians, per_run, sink_figures, table
 from bench.sinkrun import Drain
 
 
@@ -44,3 +45,33 @@ def test_insert_busy_is_the_inserts_share_of_the_drain_and_absent_when_not_logge
     lines = text.splitlines()
     assert "88%" in next(ln for ln in lines if ln.startswith("sink, end to end"))
     assert "%" not in next(ln for ln in lines if ln.startswith("sink old"))
+
+
+def test_per_run_ratios_count_the_runs_where_both_targets_held() -> None:
+    runs = [_run(60_000, 20_000, 100_000),  # 3.00x, 0.60x: both held
+            _run(45_000, 15_000, 100_000),  # 3.00x, 0.45x: not the ceiling
+            _run(58_000, 20_000, 80_000),  # 2.90x, 0.72x: not the reference
+            {"sinks": {"sink": {"records_per_s": 90_000}}}]  # no yardsticks (--no-references): left out
+    p = per_run(runs)
+    assert p == {"runs": 3, "vs_reference": [3.0, 3.0, 2.9], "vs_ceiling": [0.6, 0.45, 0.72], "targets_met": 1}
+    text = table(medians(runs), 4)
+    assert ("sink per run: 2.90-3.00x the reference (median 3.00x), 0.45-0.72x the ceiling (median 0.60x); "
+            ">= 3x and >= 0.5x in the same run: 1 of 3") in text
+
+
+def test_no_per_run_line_without_yardsticks() -> None:
+    assert "per run" not in table(medians([{"sinks": {"sink": {"records_per_s": 90_000}}}]), 1)
+
+
+def test_pool_reports_each_set_and_all_their_runs_together() -> None:
+    a = {"mode": "throughput", "dataset": {"records": 200_000},
+         "runs": [_run(60_000, 20_000, 100_000), _run(40_000, 20_000, 100_000)]}
+    b = {"mode": "throughput", "dataset": {"records": 500_000}, "runs": [_run(70_000, 20_000, 100_000)]}
+    latency = {"mode": "latency", "runs": [{}]}
+    lines = pool([("a.json", a), ("lat.json", latency), ("b.json", b)])
+    assert len(lines) == 3
+    assert lines[0].startswith("a.json (200,000 records) per run: 2.00-3.00x") and lines[0].endswith("1 of 2")
+    assert lines[1].startswith("b.json (500,000 records) per run: 3.50-3.50x") and lines[1].endswith("1 of 1")
+    assert lines[2].startswith("all 2 sets per run: 2.00-3.50x the reference (median 3.00x)")
+    assert lines[2].endswith("2 of 3")
+    assert pool([("lat.json", latency)]) == ["no throughput runs of 'sink' with both yardsticks"]
