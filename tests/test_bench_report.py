@@ -51,12 +51,14 @@ def test_per_run_ratios_count_the_runs_where_both_targets_held() -> None:
     runs = [_run(60_000, 20_000, 100_000),  # 3.00x, 0.60x: both held
             _run(45_000, 15_000, 100_000),  # 3.00x, 0.45x: not the ceiling
             _run(58_000, 20_000, 80_000),  # 2.90x, 0.72x: not the reference
+            _run(59_950, 20_000, 100_000),  # 2.9975x, shown as 3.00x: not the reference either
             {"sinks": {"sink": {"records_per_s": 90_000}}}]  # no yardsticks (--no-references): left out
     p = per_run(runs)
-    assert p == {"runs": 3, "vs_reference": [3.0, 3.0, 2.9], "vs_ceiling": [0.6, 0.45, 0.72], "targets_met": 1}
-    text = table(medians(runs), 4)
+    assert p == {"runs": 4, "vs_reference": [3.0, 3.0, 2.9, 3.0], "vs_ceiling": [0.6, 0.45, 0.72, 0.6],
+                 "targets_met": 1}
+    text = table(medians(runs), 5)
     assert ("sink per run: 2.90-3.00x the reference (median 3.00x), 0.45-0.72x the ceiling (median 0.60x); "
-            ">= 3x and >= 0.5x in the same run: 1 of 3") in text
+            ">= 3x and >= 0.5x in the same run: 1 of 4") in text
 
 
 def test_no_per_run_line_without_yardsticks() -> None:
