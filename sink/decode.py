@@ -112,8 +112,10 @@ def fast_row(value: bytes) -> Row | None:
 def _finish(value: bytes, d: dict[str, Any]) -> Row | None:
     """The row from `value`, whose parse `d` passed ``_Wire``, converted as the model converts;
     None: "ask the model"."""
-    if b"\\u0000" in value:
-        return None  # a NUL escape would reach a text field (a raw NUL byte is not JSON at all)
+    # A NUL escape would reach a text field (a raw NUL byte is not JSON at all).  92 is "\\": an
+    # int test is one memchr (~20 ns), a search for the 6-byte escape ~300 ns on every record.
+    if 92 in value and b"\\u0000" in value:
+        return None
     ts = d["timestamp"]
     kind = type(ts)
     try:
@@ -138,10 +140,9 @@ def _finish(value: bytes, d: dict[str, Any]) -> Row | None:
         pin = d["pin_position"] = str(pin)
         if len(pin) > _PIN_MAX:
             return None
-    if None in d.values():  # an explicit null text field (or a null value, which stays None)
-        for name, default in _DEFAULTS:
-            if d[name] is None:
-                d[name] = default
+    for name, default in _DEFAULTS:  # an explicit null text field takes the model's default
+        if d[name] is None:
+            d[name] = default
     return _wire_fields(d)  # type: ignore[no-any-return]
 
 
