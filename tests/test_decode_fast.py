@@ -75,6 +75,20 @@ def test_unusual_or_invalid_records_go_to_the_model(value: bytes) -> None:
     assert fast_row(value) is None
 
 
+@pytest.mark.parametrize("value", [
+    b'{"mac_address": "a\\/b", "timestamp": 0, "unit": "\\u00b0C"}',  # escapes, none of them NUL
+    b'{"mac_address": "a\\"b\\\\", "timestamp": 0, "original_topic": "x\\ny"}',
+])
+def test_escapes_other_than_nul_take_the_fast_path(value: bytes) -> None:
+    assert assert_agrees(value) is not None
+
+
+def test_a_nul_escape_after_other_escapes_goes_to_the_model() -> None:
+    value = b'{"mac_address": "a\\/b", "timestamp": 0, "unit": "\\n\\u0000"}'
+    assert fast_row(value) is None
+    assert model_row(value) is None
+
+
 def test_null_text_fields_take_the_model_defaults() -> None:
     row = assert_agrees(base(mode=None, data_point_label=None, pin=None, unit=None, original_topic=None))
     assert row is not None
