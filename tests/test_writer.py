@@ -74,6 +74,23 @@ def test_duplicates_are_the_rows_whose_key_existed_or_came_earlier_in_the_batch(
     assert {tuple(r[:5]): r[5] for r in stored} == first_value
 
 
+def test_a_batch_of_new_rows_is_counted_without_matching_keys_and_a_repeat_still_is(schema: str) -> None:
+    # All rows new: write() takes the returned row count as the answer and fetches no keys.
+    w = writer(schema)
+    rows = [(T0 + timedelta(milliseconds=i), f"dev-{i % 7}", "m", "c", "1", float(i), "u", "t") for i in range(2500)]
+    result = w.write(rows)
+    assert (result.inserted, result.duplicates, result.duplicate_indexes) == (2500, 0, ())
+    assert result.insert_s > 0
+    # The same rows again plus one new row: every key but the new one's comes back as a duplicate.
+    extra = (T0 - timedelta(seconds=1), "dev-x", "m", "c", "1", 0.0, "u", "t")
+    again = w.write([*rows[:10], extra, *rows[10:20]])
+    assert (again.inserted, again.duplicates) == (1, 20)
+    assert again.duplicate_indexes == (*range(10), *range(11, 21))
+    w.close()
+    with testkit.connect(schema) as conn:
+        assert conn.execute("SELECT count(*) FROM iot_measurements").fetchone() == (2501,)
+
+
 def test_a_write_waiting_for_the_previous_batch_keeps_its_session(schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Between its COPY and its INSERT a batch waits for the batch before it, idle in a
     # transaction; the server ends such a session after idle_in_transaction_session_timeout
