@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.data import PARTITIONS, Dataset, make_dataset, preload
+from bench.data import DUPLICATE_SHARE, PARTITIONS, Dataset, make_dataset, preload
 from bench.latency import measure_latency
 from bench.profile import summarize
 from bench.references import ceiling, fresh_table, reference, reference_psycopg2
@@ -70,11 +70,12 @@ def parse_variant(spec: str, base: dict[str, str]) -> Variant:
 
 def throughput(*, count: int, repeat: int, variants: Sequence[Variant], references: bool, logdir: Path,
                profile: Path | None = None, pyspy: Path | None = None, keep: bool = False,
-               outage: float = 0.0, psycopg2_reference: bool = False) -> dict[str, Any]:
+               outage: float = 0.0, psycopg2_reference: bool = False,
+               duplicate_share: float = DUPLICATE_SHARE) -> dict[str, Any]:
     """Pre-load one topic, then per run: each sink variant from a fresh group into a fresh schema
     (verified), then the COPY ceiling and the reference design into fresh copies of the table.
     Variants take turns within a run, so that the machine's changing load hits them alike."""
-    data: Dataset = make_dataset(count)
+    data: Dataset = make_dataset(count, duplicate_share=duplicate_share)
     _log(f"dataset: {data.describe()}")
     topic = testkit.create_topic(testkit.unique_name("bench"), partitions=PARTITIONS)
     created_topics, created_schemas = [topic], []
@@ -196,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--db-outage", type=float, default=0.0, metavar="SECONDS",
                     help="stop PostgreSQL this long after the first committed batch and report the sink's RSS "
                          "meanwhile; only with a private pair of servers (DEV_STATE_DIR set)")
+    ap.add_argument("--duplicate-share", type=float, default=DUPLICATE_SHARE, metavar="SHARE",
+                    help=f"share of records that repeat an earlier one (default {DUPLICATE_SHARE}; 0: a stream "
+                         "without redelivery, where every batch is all new)")
     ap.add_argument("--keep", action="store_true", help="keep topics and schemas (to inspect them)")
     ap.add_argument("--logdir", type=Path, default=testkit.ROOT / "bench" / "results" / "logs",
                     help="where the sink logs go (git-ignored)")
@@ -240,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             repeat=args.repeat or (1 if quick else 3), variants=variants,
                             references=not args.no_references, logdir=args.logdir, profile=args.profile,
                             pyspy=args.pyspy, keep=args.keep, outage=args.db_outage,
-                            psycopg2_reference=args.psycopg2_reference)
+                            psycopg2_reference=args.psycopg2_reference, duplicate_share=args.duplicate_share)
         ds = result["dataset"]
         print(f"{ds['records']:,} records ({ds['invalid']:,} invalid, {ds['distinct_rows']:,} distinct rows, "
               f"{ds['devices']:,} devices, {ds['partitions']} partitions)")
