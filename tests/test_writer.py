@@ -75,13 +75,13 @@ def test_duplicates_are_the_rows_whose_key_existed_or_came_earlier_in_the_batch(
 
 
 def test_a_batch_of_new_rows_is_counted_without_matching_keys_and_a_repeat_still_is(schema: str) -> None:
-    # All rows new: write() takes the returned row count as the answer and fetches no keys.
+    # All rows new: write() answers from the returned row count, without fetching the keys.
     w = writer(schema)
     rows = [(T0 + timedelta(milliseconds=i), f"dev-{i % 7}", "m", "c", "1", float(i), "u", "t") for i in range(2500)]
     result = w.write(rows)
     assert (result.inserted, result.duplicates, result.duplicate_indexes) == (2500, 0, ())
     assert result.insert_s > 0
-    # The same rows again plus one new row: every key but the new one's comes back as a duplicate.
+    # Some of the same rows again around one new row: all but the new one are duplicates.
     extra = (T0 - timedelta(seconds=1), "dev-x", "m", "c", "1", 0.0, "u", "t")
     again = w.write([*rows[:10], extra, *rows[10:20]])
     assert (again.inserted, again.duplicates) == (1, 20)
