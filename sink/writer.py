@@ -55,9 +55,8 @@ def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]]
     """Which input rows were new: the first row of each returned key; the rest were duplicates.
 
     Returned keys in row order (insert_statement's ORDER BY) are matched in one walk; any other
-    order falls back to counting keys in a dict."""
-    if len(returned) == len(rows):  # every row came back: all new (the usual batch, and no hashing)
-        return WriteResult(inserted=len(rows), duplicates=0)
+    order falls back to counting keys in a dict.  A batch whose rows all came back never gets
+    here: PgWriter.write() sees that in the row count and fetches no keys."""
     key_of = itemgetter(*pk_index) if len(pk_index) > 1 else lambda row: (row[pk_index[0]],)
     keys = list(map(key_of, rows))
     dups = _in_order_duplicates(keys, returned)
