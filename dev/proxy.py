@@ -126,6 +126,12 @@ class TcpProxy:
             if link in self._links:
                 self._links.remove(link)
 
+    @property
+    def open_connections(self) -> int:
+        """Connections forwarded now (not yet closed, cut or severed)."""
+        with self._lock:
+            return len(self._links)
+
     def cut(self) -> int:
         """Reset every open connection (new ones are accepted as before); returns how many."""
         with self._lock:
