@@ -204,7 +204,6 @@ def test_connection_reset_while_its_backend_stays_in_a_transaction_does_not_wedg
             f.detail = f"{severed} connection(s) severed; sessions left in a transaction: {[b[0] for b in zombies]}"
         assert zombies and all(query.startswith("INSERT") for _, _, query, _ in zombies), zombies
         sc.producer.stop_stream()
-        sc.producer.wait()
         sc.extra["catch_up_s"] = sc.wait_caught_up(60)
         trace.stop()
         sc.assert_invariants()
