@@ -2,9 +2,10 @@
 
     .venv/bin/python -m bench.pool bench/results/s2*.json [--label sink]
 
-One line per file (the throughput results of `bench.run --json`), then one for all their runs
-together.  The machine's speed drifts between sets, so one set of five runs says little about
-how often the targets hold; pooling the sets says more.
+One line per file (the throughput results of `bench.run --json`, with the host's CPU model when the
+file records it), then one for all their runs together.  The machine's speed drifts between sets,
+and the host's CPU decides the ratios as much as the code does, so one set of five runs says
+little about how often the targets hold; pooling the sets of one host says more.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def pool(results: Sequence[tuple[str, dict[str, Any]]], label: str = "sink") -> 
         runs = result.get("runs", [])
         p = per_run(runs, label)
         if p["runs"]:
-            records = result.get("dataset", {}).get("records", "?")
-            lines.append(per_run_line(f"{name} ({records:,} records)" if isinstance(records, int) else name, p))
+            records = result.get("dataset", {}).get("records")
+            about = ([f"{records:,} records"] if isinstance(records, int) else []) + (
+                [result["machine"]["cpu"]] if result.get("machine", {}).get("cpu") else [])
+            lines.append(per_run_line(f"{name} ({', '.join(about)})" if about else name, p))
             pooled.extend(runs)
     if not pooled:
         return [f"no throughput runs of {label!r} with both yardsticks"]

@@ -169,3 +169,11 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "postgresql": pg,
             "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def machine_line(facts: Mapping[str, Any]) -> str:
+    """machine() in one printed line: the host's CPU model decides the ratios as much as the code
+    does (docs/performance.md, "Results"), so a pasted table should carry it."""
+    load = " ".join(f"{x:g}" for x in facts.get("load_average", []))
+    return (f"machine: {facts.get('cpu', '?')}, {facts.get('cores', '?')} cores, Python {facts.get('python', '?')}, "
+            f"PostgreSQL {facts.get('postgresql', '?')}, load average {load or '?'}")

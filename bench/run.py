@@ -18,7 +18,7 @@ from bench.data import DUPLICATE_SHARE, PARTITIONS, Dataset, make_dataset, prelo
 from bench.latency import measure_latency
 from bench.profile import summarize
 from bench.references import ceiling, fresh_table, reference, reference_psycopg2
-from bench.report import machine, median_figures, medians, sink_figures, table, timed_figures
+from bench.report import machine, machine_line, median_figures, medians, sink_figures, table, timed_figures
 from bench.sinkrun import drain
 from bench.verify import verify
 from dev import services, testkit
@@ -261,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bad = [v for r in result["runs"] for v in r["verdicts"].values() if not v["ok"]]
             print("INCORRECT: " + json.dumps(bad))
     result["machine"] = facts
+    print(machine_line(facts))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

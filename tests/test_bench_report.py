@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.pool import pool
-from bench.report import medians, per_run, sink_figures, table
+from bench.report import machine_line, medians, per_run, sink_figures, table
 from bench.sinkrun import Drain
 
 
@@ -68,12 +68,20 @@ def test_no_per_run_line_without_yardsticks() -> None:
 def test_pool_reports_each_set_and_all_their_runs_together() -> None:
     a = {"mode": "throughput", "dataset": {"records": 200_000},
          "runs": [_run(60_000, 20_000, 100_000), _run(40_000, 20_000, 100_000)]}
-    b = {"mode": "throughput", "dataset": {"records": 500_000}, "runs": [_run(70_000, 20_000, 100_000)]}
+    b = {"mode": "throughput", "dataset": {"records": 500_000}, "runs": [_run(70_000, 20_000, 100_000)],
+         "machine": {"cpu": "AMD EPYC", "cores": 2}}
     latency = {"mode": "latency", "runs": [{}]}
     lines = pool([("a.json", a), ("lat.json", latency), ("b.json", b)])
     assert len(lines) == 3
     assert lines[0].startswith("a.json (200,000 records) per run: 2.00-3.00x") and lines[0].endswith("1 of 2")
-    assert lines[1].startswith("b.json (500,000 records) per run: 3.50-3.50x") and lines[1].endswith("1 of 1")
+    assert lines[1].startswith("b.json (500,000 records, AMD EPYC) per run: 3.50-3.50x") and lines[1].endswith("1 of 1")
     assert lines[2].startswith("all 2 sets per run: 2.00-3.50x the reference (median 3.00x)")
     assert lines[2].endswith("2 of 3")
     assert pool([("lat.json", latency)]) == ["no throughput runs of 'sink' with both yardsticks"]
+
+
+def test_machine_line_names_the_host_and_survives_missing_facts() -> None:
+    facts = {"cpu": "AMD EPYC", "cores": 2, "python": "3.11.7", "postgresql": "15.18", "load_average": [0.96, 0.7, 1.0]}
+    assert machine_line(facts) == ("machine: AMD EPYC, 2 cores, Python 3.11.7, PostgreSQL 15.18, "
+                                   "load average 0.96 0.7 1")
+    assert machine_line({}) == "machine: ?, ? cores, Python ?, PostgreSQL ?, load average ?"
