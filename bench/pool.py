@@ -4,8 +4,8 @@
 
 One line per file (the throughput results of `bench.run --json`, with the host's CPU model when the
 file records it), then one for all their runs together.  The machine's speed drifts between sets,
-and the host's CPU decides the ratios as much as the code does, so one set of five runs says
-little about how often the targets hold; pooling the sets of one host says more.
+and the same code gave other ratios on another host, so one set of five runs says little about
+how often the targets hold; pooling the sets of one host says more.
 """
 
 from __future__ import annotations
