@@ -29,9 +29,11 @@ def pool(results: Sequence[tuple[str, dict[str, Any]]], label: str = "sink") -> 
         runs = result.get("runs", [])
         p = per_run(runs, label)
         if p["runs"]:
-            records = result.get("dataset", {}).get("records")
-            about = ([f"{records:,} records"] if isinstance(records, int) else []) + (
-                [result["machine"]["cpu"]] if result.get("machine", {}).get("cpu") else [])
+            about: list[str] = []
+            if isinstance(records := result.get("dataset", {}).get("records"), int):
+                about.append(f"{records:,} records")
+            if cpu := result.get("machine", {}).get("cpu"):
+                about.append(cpu)
             lines.append(per_run_line(f"{name} ({', '.join(about)})" if about else name, p))
             pooled.extend(runs)
     if not pooled:
