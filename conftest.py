@@ -12,6 +12,28 @@ import pytest
 from dev import services, testkit
 
 
+def pytest_report_header() -> str:
+    where = "TimescaleDB (local build)" if services.TIMESCALEDB else "plain PostgreSQL"
+    return f"database server: {where} on 127.0.0.1:{services.PG_PORT}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Against plain PostgreSQL every test runs but the TimescaleDB suite (`timescaledb`); against
+    the TimescaleDB build (DEV_PG_FLAVOR=timescaledb, run by dev/test where one is built) only the
+    TimescaleDB suite and the tests marked `both_servers`, less those asserting plain mode."""
+
+    def runs_here(item: pytest.Item) -> bool:
+        marks = {m.name for m in item.iter_markers()}
+        if services.TIMESCALEDB:
+            return "timescaledb" in marks or ("both_servers" in marks and "plain_postgres" not in marks)
+        return "timescaledb" not in marks
+
+    keep = [item for item in items if runs_here(item)]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if not runs_here(item)])
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def infra() -> Iterator[None]:
     """Start (or reuse) the local broker and database; missing ones fail the run, never skip."""

@@ -5,6 +5,7 @@ Standard library only: this runs before the project's virtualenv exists.
     python3 dev/services.py up        # start both (idempotent, returns at once if running)
     python3 dev/services.py down      # clean stop of both
     python3 dev/services.py status
+    DEV_PG_FLAVOR=timescaledb python3 dev/services.py up   # the TimescaleDB cluster, where built
 
 State lives in the ignored folders `.cache/` (jars, reused across runs) and `.dev/`
 (broker data, PostgreSQL cluster, logs).  Everything listens on loopback only.
@@ -35,7 +36,13 @@ STATE = Path(os.environ.get("DEV_STATE_DIR", ROOT / ".dev")).resolve()
 
 KAFKA_PORT = int(os.environ.get("DEV_KAFKA_PORT", "19092"))
 KAFKA_CONTROLLER_PORT = int(os.environ.get("DEV_KAFKA_CONTROLLER_PORT", "19093"))
-PG_PORT = int(os.environ.get("DEV_PG_PORT", os.environ.get("TIMESCALE_PORT", "55432")))
+# DEV_PG_FLAVOR=timescaledb: a second cluster, run by the locally built TimescaleDB's relocated
+# PostgreSQL (see timescaledb_build), with its own data directory and default port.
+PG_FLAVOR = os.environ.get("DEV_PG_FLAVOR", "postgres")
+if PG_FLAVOR not in {"postgres", "timescaledb"}:
+    raise SystemExit(f"DEV_PG_FLAVOR={PG_FLAVOR!r}: use postgres or timescaledb")
+TIMESCALEDB = PG_FLAVOR == "timescaledb"
+PG_PORT = int(os.environ.get("DEV_PG_PORT", os.environ.get("TIMESCALE_PORT", "55433" if TIMESCALEDB else "55432")))
 PG_USER = os.environ.get("TIMESCALE_USER", "ts_user")
 PG_PASSWORD = os.environ.get("TIMESCALE_PASSWORD", "ts_password")
 PG_DB = os.environ.get("TIMESCALE_DB", "timeseries")
@@ -318,7 +325,24 @@ def _wait_gone(pid: int, timeout: float) -> None:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
+def timescaledb_build() -> Path | None:
+    """The newest TimescaleDB build: a relocated copy of Debian's PostgreSQL with the extension
+    installed, at .cache/timescaledb/pg<version>-tsdb<version>/ (marked complete by `.built`),
+    or $DEV_TIMESCALEDB_HOME.  Never made by this project's files (TimescaleDB's source and
+    binaries stay out of the repository); None when there is none, as in CI."""
+    override = os.environ.get("DEV_TIMESCALEDB_HOME")
+    candidates = [Path(override)] if override else sorted(CACHE.glob("timescaledb/*/.built"))
+    for marker in reversed(candidates):
+        home = marker if override else marker.parent
+        found = sorted(home.glob("usr/lib/postgresql/*/bin/pg_ctl"))
+        if found and list(home.glob("usr/lib/postgresql/*/lib/timescaledb.so")):
+            return found[-1].parent
+    return None
+
+
 def _pg_bindir() -> Path | None:
+    if TIMESCALEDB:
+        return timescaledb_build()
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
                         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
     if candidates:
@@ -331,6 +355,8 @@ def _ensure_pg_installed() -> Path:
     bindir = _pg_bindir()
     if bindir is not None:
         return bindir
+    if TIMESCALEDB:
+        raise ServiceError(f"DEV_PG_FLAVOR=timescaledb but no TimescaleDB build under {CACHE / 'timescaledb'}")
     if os.geteuid() != 0:
         raise ServiceError("PostgreSQL is not installed; run: sudo apt-get install -y postgresql")
     log("installing Debian's postgresql package...")
@@ -357,7 +383,7 @@ def pg_home() -> Path:
     override = os.environ.get("DEV_PG_HOME")
     if override:
         return Path(override)
-    home = STATE / "pg"
+    home = STATE / ("pg-timescaledb" if TIMESCALEDB else "pg")
     user = _run_as()
     if user is None:
         return home
@@ -365,7 +391,7 @@ def pg_home() -> Path:
     if probe.returncode == 0:
         return home
     digest = hashlib.sha256(str(STATE).encode()).hexdigest()[:10]
-    return Path(f"/var/tmp/kafka-timescale-sink-{digest}/pg")
+    return Path(f"/var/tmp/kafka-timescale-sink-{digest}") / home.name
 
 
 def _as_pg_user(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -392,7 +418,7 @@ def pg_running() -> bool:
 
 def start_postgres(timeout: float = 60.0) -> str:
     """Start the project's cluster if needed, create role + database; returns a conninfo."""
-    with _locked("postgres"):
+    with _locked(PG_FLAVOR):
         return _start_postgres(timeout)
 
 
@@ -418,6 +444,10 @@ def _start_postgres(timeout: float) -> str:
                 "max_connections = 200\nshared_buffers = 256MB\n"
                 "logging_collector = off\n"
             )
+            if TIMESCALEDB:
+                # Every database with the extension takes a scheduler worker, each running job one more.
+                f.write("shared_preload_libraries = 'timescaledb'\nmax_worker_processes = 32\n"
+                        "timescaledb.max_background_workers = 24\ntimescaledb.telemetry_level = off\n")
     if not pg_running():
         if _port_open(PG_PORT):
             raise ServiceError(f"port {PG_PORT} is taken by another process; set DEV_PG_PORT")
@@ -425,7 +455,7 @@ def _start_postgres(timeout: float) -> str:
                            "-w", "-t", str(int(timeout)), "start"])
         if res.returncode != 0:
             raise ServiceError(f"pg_ctl start failed:\n{res.stdout}\n{res.stderr}\nsee {home / 'postgres.log'}")
-        log(f"postgres up on 127.0.0.1:{PG_PORT} ({data})")
+        log(f"{PG_FLAVOR} up on 127.0.0.1:{PG_PORT} ({data})")
     _ensure_role_and_db(bindir)
     return conninfo()
 
@@ -464,7 +494,7 @@ def psql_admin(sql: str, db: str = PG_DB) -> str:
 
 def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
     """pg_ctl stop with mode fast (clean) or immediate (crash-like, for chaos tests)."""
-    with _locked("postgres"):
+    with _locked(PG_FLAVOR):
         _stop_postgres(mode, timeout)
 
 
@@ -476,7 +506,7 @@ def _stop_postgres(mode: str, timeout: float) -> None:
     res = _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", str(int(timeout)), "stop"])
     if res.returncode != 0:
         raise ServiceError(f"pg_ctl stop failed: {res.stderr.strip()}")
-    log(f"postgres stopped ({mode})")
+    log(f"{PG_FLAVOR} stopped ({mode})")
 
 
 def conninfo(user: str = PG_USER, password: str = PG_PASSWORD, db: str = PG_DB) -> str:
@@ -511,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_postgres()
         elif args.action == "status":
             print(f"kafka    {'running' if kafka_running() else 'stopped'}  {KAFKA_BOOTSTRAP}")
-            print(f"postgres {'running' if pg_running() else 'stopped'}  127.0.0.1:{PG_PORT} ({pg_home()})")
+            print(f"{PG_FLAVOR} {'running' if pg_running() else 'stopped'}  127.0.0.1:{PG_PORT} ({pg_home()})")
         elif args.action == "env":
             for k, v in service_env().items():
                 print(f"export {k}={v}")

@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from dev import services
 from sink.produce import produce_waiting
+from sink.settings import Settings
 
 ROOT = services.ROOT
 T = TypeVar("T")
@@ -234,9 +235,24 @@ _COORDINATOR_LOADING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDIN
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def connect(schema: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+# The suites write fixed timestamps from 2023: on TimescaleDB the default 90-day retention policy
+# would (rightly) drop them while a test runs.  The TimescaleDB suite tests the policies itself.
+SERVER_SETTINGS: dict[str, str] = {"timescale_retention": "off"} if services.TIMESCALEDB else {}
+
+
+def db_settings(schema: str, **overrides: Any) -> Settings:
+    """The sink's settings for the local database server under test and ``schema``."""
+    values: dict[str, Any] = {
+        "timescale_host": "127.0.0.1", "timescale_port": services.PG_PORT, "timescale_db": services.PG_DB,
+        "timescale_user": services.PG_USER, "timescale_password": services.PG_PASSWORD,
+        "timescale_schema": schema, **SERVER_SETTINGS, **overrides,
+    }
+    return Settings(**values)
+
+
+def connect(schema: str | None = None, *, autocommit: bool = True, db: str = services.PG_DB) -> psycopg.Connection[Any]:
     opts = f" options='-c search_path={schema},public'" if schema else ""
-    return psycopg.connect(services.conninfo() + opts, autocommit=autocommit)
+    return psycopg.connect(services.conninfo(db=db) + opts, autocommit=autocommit)
 
 
 def create_schema(name: str) -> str:
@@ -279,6 +295,7 @@ def sink_env(schema: str, topic: str, group: str, **overrides: Any) -> dict[str,
         "RETRY_MAX_BACKOFF": "2",
         "LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        **{k.upper(): v for k, v in SERVER_SETTINGS.items()},
     })
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     return env

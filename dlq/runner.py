@@ -114,7 +114,7 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
     writer: PgWriter | None = None
     # Step 1.
     if opts.to_topic is None and not opts.dry_run:
-        w = PgWriter(settings.conninfo())
+        w = PgWriter(settings.conninfo(), settings.timescale_schema)
         closers.append(w.close)
         retry(policy, "db_connect", w.connect)
         writer = w

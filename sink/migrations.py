@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,28 +30,16 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from sink import timescale
 from sink.logs import get_logger
 from sink.settings import ConfigError, Settings
+from sink.timescale import MIN_REFRESH_WINDOW, RETENTION_MARGIN, TimescalePolicies, TimescaleVersionError
 
 log = get_logger(__name__)
 
-TABLE = "iot_measurements"
-HOURLY_VIEW = "iot_measurements_hourly"
 SQL_DIR_ENV = "SINK_SQL_DIR"
+LEDGER = "schema_migrations"
 
-# 2.11 added unique constraints and ON CONFLICT DO NOTHING on compressed chunks; 2.18.1
-# fixed an INSERT ... ON CONFLICT DO NOTHING into a compressed chunk that silently dropped
-# the rows after the first conflict (timescale/timescaledb#7672), which would lose data.
-MIN_TIMESCALEDB = (2, 18, 1)
-
-# The hourly aggregate re-reads this window at each refresh.  Refreshing over raw rows that
-# retention already dropped deletes their aggregates, so retention must be longer than the
-# window by a margin (a refresh and a drop run at different times).
-REFRESH_START_OFFSET = "7 days"
-REFRESH_END_OFFSET = "1 hour"
-RETENTION_MARGIN = "1 day"
-
-_DISABLED = frozenset({"0", "off"})
 _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 _REQUIRES = re.compile(r"^--\s*requires:\s*(.+?)\s*$")
 # psql variable syntax, :'name' -> quoted literal; the look-behind leaves "::" casts alone.
@@ -94,35 +82,6 @@ class MigrationReport:
     applied: tuple[str, ...]
     timescaledb: bool
     skipped: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TimescalePolicies:
-    """The TIMESCALE_* settings as the policies they ask for; None means disabled."""
-
-    chunk_interval: str
-    compress_after: str | None
-    retention: str | None
-    refresh_interval: str
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TimescalePolicies:
-        def optional(value: str) -> str | None:
-            return None if value.strip().lower() in _DISABLED else value
-
-        return cls(
-            chunk_interval=settings.timescale_chunk_interval,
-            compress_after=optional(settings.timescale_compress_after),
-            retention=optional(settings.timescale_retention),
-            refresh_interval=settings.timescale_cagg_refresh_interval,
-        )
-
-
-@dataclass(frozen=True)
-class _Timescale:
-    available: bool
-    version: str | None = None
-    reason: str = ""
 
 
 # --------------------------------------------------------------------------- files
@@ -184,56 +143,6 @@ def render(text: str, variables: Mapping[str, str], context: Any = None) -> str:
     return _VARIABLE.sub(literal, text)
 
 
-# --------------------------------------------------------------------------- policy SQL
-
-
-def _call(function: str, *args: sql.Composable, **named: sql.Composable) -> sql.Composed:
-    # Function and argument names are this module's constants; only values are Literals.
-    parts = [*args, *(sql.SQL("{} => {}").format(sql.SQL(k), v) for k, v in named.items())]
-    return sql.SQL("SELECT {}({})").format(sql.SQL(function), sql.SQL(", ").join(parts))
-
-
-def _interval(value: str) -> sql.Composed:
-    return sql.SQL("{}::interval").format(sql.Literal(value))
-
-
-_TRUE = sql.SQL("true")
-
-
-def set_chunk_interval_sql(interval: str) -> sql.Composed:
-    return _call("set_chunk_time_interval", sql.Literal(TABLE), _interval(interval))
-
-
-def add_compression_policy_sql(compress_after: str) -> sql.Composed:
-    return _call("add_compression_policy", sql.Literal(TABLE), compress_after=_interval(compress_after))
-
-
-def remove_compression_policy_sql() -> sql.Composed:
-    return _call("remove_compression_policy", sql.Literal(TABLE), if_exists=_TRUE)
-
-
-def add_retention_policy_sql(drop_after: str) -> sql.Composed:
-    return _call("add_retention_policy", sql.Literal(TABLE), drop_after=_interval(drop_after))
-
-
-def remove_retention_policy_sql() -> sql.Composed:
-    return _call("remove_retention_policy", sql.Literal(TABLE), if_exists=_TRUE)
-
-
-def add_refresh_policy_sql(schedule_interval: str) -> sql.Composed:
-    return _call(
-        "add_continuous_aggregate_policy",
-        sql.Literal(HOURLY_VIEW),
-        start_offset=_interval(REFRESH_START_OFFSET),
-        end_offset=_interval(REFRESH_END_OFFSET),
-        schedule_interval=_interval(schedule_interval),
-    )
-
-
-def remove_refresh_policy_sql() -> sql.Composed:
-    return _call("remove_continuous_aggregate_policy", sql.Literal(HOURLY_VIEW), if_exists=_TRUE)
-
-
 # --------------------------------------------------------------------------- migrate
 
 
@@ -250,7 +159,7 @@ def migrate(settings: Settings) -> MigrationReport:
             # Step 1.
             _validate(conn, policies)
             # Step 2.
-            ts = _timescale(conn)
+            ts = _availability(conn)
             if settings.timescaledb_required and not ts.available:
                 raise MigrationError(
                     f"TIMESCALEDB_REQUIRED=true but TimescaleDB cannot be used: {ts.reason} "
@@ -273,7 +182,11 @@ def migrate(settings: Settings) -> MigrationReport:
                 log.info("migrations_up_to_date", schema=schema, recorded=len(recorded))
             # Step 4.
             if ts.available:
-                _reconcile(conn, schema, policies)
+                with conn.transaction():
+                    _lock(conn, schema)
+                    changes = timescale.reconcile(conn, schema, policies)
+                for change in changes:  # committed: only now are they true
+                    log.info("timescale_policy_set", policy=change.policy, value=change.value)
                 log.info("timescaledb_enabled", version=ts.version, schema=schema)
             else:
                 log.warning(
@@ -309,49 +222,20 @@ def _validate(conn: psycopg.Connection[Any], p: TimescalePolicies) -> None:
     if p.retention is not None and not _scalar(
         conn,
         "SELECT %s::interval >= %s::interval + %s::interval",
-        [p.retention, REFRESH_START_OFFSET, RETENTION_MARGIN],
+        [p.retention, MIN_REFRESH_WINDOW, RETENTION_MARGIN],
     ):
         raise PolicySettingError(
-            f"TIMESCALE_RETENTION={p.retention!r} must be at least {REFRESH_START_OFFSET} + {RETENTION_MARGIN}: "
-            f"the hourly aggregate re-reads the last {REFRESH_START_OFFSET}, and a refresh over dropped raw "
-            "rows deletes their aggregates (use a longer retention, or 0/off)"
+            f"TIMESCALE_RETENTION={p.retention!r} must be at least {MIN_REFRESH_WINDOW} + {RETENTION_MARGIN}: "
+            f"the hourly aggregate refreshes everything up to {RETENTION_MARGIN} short of the retention, "
+            "and a refresh over dropped raw rows deletes their aggregates (use a longer retention, or 0/off)"
         )
 
 
-def _timescale(conn: psycopg.Connection[Any]) -> _Timescale:
-    row = conn.execute(
-        "SELECT e.extversion, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
-        " WHERE e.extname = 'timescaledb'"
-    ).fetchone()
-    if row is not None:
-        version, ext_schema = str(row[0]), str(row[1])
-        if not _at_least_minimum(version):
-            # Already in use: its hypertable takes the sink's inserts, so this is not optional.
-            raise MigrationError(
-                f"TimescaleDB {version} is installed; the sink needs >= {_minimum()} "
-                "(INSERT ... ON CONFLICT DO NOTHING into compressed chunks, see docs/schema.md): "
-                "run ALTER EXTENSION timescaledb UPDATE after upgrading the package"
-            )
-        # The functions must resolve whichever schema the extension was created in.
-        conn.execute(
-            "SELECT set_config('search_path', current_setting('search_path') || ', ' || quote_ident(%s), false)"
-            " WHERE NOT %s = ANY (current_schemas(false))",
-            [ext_schema, ext_schema],
-        )
-        return _Timescale(True, version)
-    row = conn.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
-    if row is None:
-        return _Timescale(False, reason="the timescaledb extension is not installed on the database server")
-    version = str(row[0])
-    if not _at_least_minimum(version):
-        return _Timescale(False, reason=f"the server offers TimescaleDB {version}, older than {_minimum()}")
+def _availability(conn: psycopg.Connection[Any]) -> timescale.Availability:
     try:
-        preload = _scalar(conn, "SELECT current_setting('shared_preload_libraries')")
-    except psycopg.errors.InsufficientPrivilege:
-        preload = None  # only superusers may read it; CREATE EXTENSION will say if it is missing
-    if preload is not None and "timescaledb" not in str(preload):
-        return _Timescale(False, reason="timescaledb is installed but not in shared_preload_libraries")
-    return _Timescale(True, version)
+        return timescale.availability(conn)
+    except TimescaleVersionError as e:
+        raise MigrationError(str(e)) from None
 
 
 def _bootstrap(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
@@ -364,12 +248,13 @@ def _bootstrap(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
         current = _scalar(conn, "SELECT current_schema()")
         if current != schema:
             raise MigrationError(f"TIMESCALE_SCHEMA={schema!r} but the connection's current schema is {current!r}")
-        if _scalar(conn, "SELECT to_regclass('schema_migrations') IS NULL"):
-            conn.execute(
-                "CREATE TABLE schema_migrations ("
+        # Qualified: an unqualified name would find another schema's table through the search path.
+        if _scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NULL", [schema, LEDGER]):
+            conn.execute(sql.SQL(
+                "CREATE TABLE {} ("
                 " name text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-        rows = conn.execute("SELECT name, checksum FROM schema_migrations").fetchall()
+            ).format(_ledger(schema)))
+        rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(_ledger(schema))).fetchall()
     return {str(name): str(checksum) for name, checksum in rows}
 
 
@@ -392,7 +277,8 @@ def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration, variables: 
     with conn.transaction():
         _lock(conn, schema)
         # Another replica may have applied it while this one waited for the lock.
-        row = conn.execute("SELECT checksum FROM schema_migrations WHERE name = %s", [m.name]).fetchone()
+        row = conn.execute(sql.SQL("SELECT checksum FROM {} WHERE name = %s").format(_ledger(schema)),
+                           [m.name]).fetchone()
         if row is not None:
             _check_checksum(m, str(row[0]))
             return False
@@ -402,79 +288,16 @@ def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration, variables: 
             if _transient(e):
                 raise
             raise MigrationError(f"{m.name} failed: {_describe(e)}") from e
-        conn.execute("INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)", [m.name, m.checksum])
+        conn.execute(sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(_ledger(schema)),
+                     [m.name, m.checksum])
     return True
 
 
-def _reconcile(conn: psycopg.Connection[Any], schema: str, p: TimescalePolicies) -> None:
-    with conn.transaction():
-        _lock(conn, schema)
-        same_interval = conn.execute(
-            "SELECT time_interval = %s::interval FROM timescaledb_information.dimensions"
-            " WHERE hypertable_schema = current_schema() AND hypertable_name = %s AND dimension_number = 1",
-            [p.chunk_interval, TABLE],
-        ).fetchone()
-        if same_interval is None:
-            return  # not a hypertable (a reduced SINK_SQL_DIR): no policies to keep
-        if not same_interval[0]:
-            conn.execute(set_chunk_interval_sql(p.chunk_interval))
-            log.info("timescale_policy_set", policy="chunk_interval", value=p.chunk_interval)
-        _reconcile_job(conn, "compression", _table_jobs(conn, "policy_compression", "compress_after", p.compress_after),
-                       p.compress_after, add_compression_policy_sql, remove_compression_policy_sql())
-        _reconcile_job(conn, "retention", _table_jobs(conn, "policy_retention", "drop_after", p.retention),
-                       p.retention, add_retention_policy_sql, remove_retention_policy_sql())
-        if _scalar(
-            conn,
-            "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
-            " WHERE view_schema = current_schema() AND view_name = %s",
-            [HOURLY_VIEW],
-        ):
-            jobs = conn.execute(
-                "SELECT j.job_id, j.schedule_interval = %s::interval"
-                " AND (j.config ->> 'start_offset')::interval = %s::interval"
-                " AND (j.config ->> 'end_offset')::interval = %s::interval"
-                " FROM timescaledb_information.jobs j"
-                " JOIN timescaledb_information.continuous_aggregates c"
-                " ON j.hypertable_schema = c.materialization_hypertable_schema"
-                " AND j.hypertable_name = c.materialization_hypertable_name"
-                " WHERE j.proc_name = 'policy_refresh_continuous_aggregate'"
-                " AND c.view_schema = current_schema() AND c.view_name = %s",
-                [p.refresh_interval, REFRESH_START_OFFSET, REFRESH_END_OFFSET, HOURLY_VIEW],
-            ).fetchall()
-            _reconcile_job(conn, "hourly_refresh", jobs, p.refresh_interval, add_refresh_policy_sql,
-                           remove_refresh_policy_sql())
-
-
-def _table_jobs(conn: psycopg.Connection[Any], proc: str, key: str, want: str | None) -> list[tuple[Any, ...]]:
-    # (job_id, matches): TimescaleDB keeps the interval as text in the job's config.
-    return conn.execute(
-        "SELECT job_id, (config ->> %s)::interval = %s::interval FROM timescaledb_information.jobs"
-        " WHERE proc_name = %s AND hypertable_schema = current_schema() AND hypertable_name = %s",
-        [key, want, proc, TABLE],
-    ).fetchall()
-
-
-def _reconcile_job(
-    conn: psycopg.Connection[Any],
-    policy: str,
-    jobs: list[tuple[Any, ...]],
-    want: str | None,
-    add: Callable[[str], sql.Composed],
-    remove: sql.Composed,
-) -> None:
-    if want is not None and len(jobs) == 1 and jobs[0][1]:
-        return
-    if not jobs and want is None:
-        return
-    # A policy's interval cannot be edited in place: remove it and add the new one.
-    if jobs:
-        conn.execute(remove)
-    if want is not None:
-        conn.execute(add(want))
-    log.info("timescale_policy_set", policy=policy, value=want if want is not None else "off")
-
-
 # --------------------------------------------------------------------------- helpers
+
+
+def _ledger(schema: str) -> sql.Identifier:
+    return sql.Identifier(schema, LEDGER)
 
 
 def _lock(conn: psycopg.Connection[Any], schema: str) -> None:
@@ -496,17 +319,3 @@ def _transient(e: psycopg.Error) -> bool:
 def _describe(e: psycopg.Error) -> str:
     message = e.diag.message_primary or str(e).strip()
     return f"{message} (SQLSTATE {e.sqlstate})" if e.sqlstate else message
-
-
-def _parse_version(version: str) -> tuple[int, ...] | None:
-    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
-    return tuple(int(x) for x in match.groups()) if match else None
-
-
-def _at_least_minimum(version: str) -> bool:
-    parsed = _parse_version(version)
-    return parsed is not None and parsed >= MIN_TIMESCALEDB
-
-
-def _minimum() -> str:
-    return ".".join(str(x) for x in MIN_TIMESCALEDB)

@@ -35,8 +35,8 @@ SESSION_SETTINGS = {"lock_timeout": "10s", "statement_timeout": "120s", "TimeZon
                     "idle_in_transaction_session_timeout": "20s"}
 
 
-def insert_statement(columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
-                     table: str = TABLE, stage: str = STAGE) -> sql.Composed:
+def insert_statement(table: sql.Identifier, columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
+                     stage: str = STAGE) -> sql.Composed:
     """INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING <primary key>, from the columns.
 
     ORDER BY the batch index: rows are inserted, and come back, in batch order (a plain scan of
@@ -46,7 +46,7 @@ def insert_statement(columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMA
     return sql.SQL(
         "INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {ord} "
         "ON CONFLICT DO NOTHING RETURNING {pk}"
-    ).format(table=sql.Identifier(table), cols=cols, stage=sql.Identifier(stage), ord=sql.Identifier(ORD),
+    ).format(table=table, cols=cols, stage=sql.Identifier(stage), ord=sql.Identifier(ORD),
              pk=sql.SQL(", ").join(map(sql.Identifier, pk)))
 
 
@@ -90,19 +90,23 @@ def _in_order_duplicates(keys: Sequence[tuple[Any, ...]], returned: Sequence[tup
 
 
 class PgWriter:
-    """Owns one connection; reconnects on the next call after a connection-class failure."""
+    """Owns one connection; reconnects on the next call after a connection-class failure.
 
-    def __init__(self, conninfo: str, columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
+    Writes ``schema.table``, always qualified: the search path never picks another schema's table."""
+
+    def __init__(self, conninfo: str, schema: str, columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
                  table: str = TABLE) -> None:
         self._conninfo = conninfo
         self.columns = tuple(columns)
         self.pk = tuple(pk)
-        self.table = table
+        self.schema = schema
+        self.table = f"{schema}.{table}"  # for messages and logs
+        self._table = sql.Identifier(schema, table)
         self._pk_index = tuple(self.columns.index(c) for c in self.pk)
         self._conn: psycopg.Connection[Any] | None = None
         self._copy_sql = sql.SQL("COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)").format(
             stage=sql.Identifier(STAGE), cols=sql.SQL(", ").join(map(sql.Identifier, (*self.columns, ORD))))
-        self._insert_sql = insert_statement(self.columns, self.pk, table)
+        self._insert_sql = insert_statement(self._table, self.columns, self.pk)
         self._types: list[int] = []
 
     @property
@@ -131,7 +135,7 @@ class PgWriter:
                 # uniqueness are the table's job, so poison rows fail in the INSERT and not here.
                 cur.execute(sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS, {ord} int4) "
-                    "ON COMMIT DELETE ROWS").format(stage=sql.Identifier(STAGE), table=sql.Identifier(self.table),
+                    "ON COMMIT DELETE ROWS").format(stage=sql.Identifier(STAGE), table=self._table,
                                                     ord=sql.Identifier(ORD)))
             conn.commit()
         except psycopg.Error as e:
@@ -147,7 +151,7 @@ class PgWriter:
         cur.execute(
             "SELECT a.attname, a.atttypid FROM pg_attribute a "
             "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-            (self.table,),
+            (self._table.as_string(cur),),
         )
         found = dict(cur.fetchall())
         if not found:

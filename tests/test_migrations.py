@@ -5,31 +5,32 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from structlog.testing import capture_logs
 
 from dev import services, testkit
-from sink import migrations
+from sink import migrations, timescale
 from sink.errors import RetryableError, classify_db_error
-from sink.migrations import (
-    MigrationError,
-    MigrationReport,
-    TimescalePolicies,
-    load_migrations,
-    migrate,
-    render,
-)
+from sink.migrations import MigrationError, MigrationReport, load_migrations, migrate, render
 from sink.model import COLUMNS, PRIMARY_KEY
 from sink.settings import Settings
+from sink.timescale import Availability, TimescalePolicies
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 BASE = "001_iot_measurements.sql"
 TIMESCALE_FILES = ("002_timescaledb_hypertable.sql", "003_timescaledb_hourly_aggregate.sql")
 EVIL = "1 day'; DROP TABLE iot_measurements; --"
+# What migrate() does on a fresh schema of the server under test.
+EXPECTED_FIRST_RUN = (
+    MigrationReport(applied=(BASE, *TIMESCALE_FILES), timescaledb=True) if services.TIMESCALEDB
+    else MigrationReport(applied=(BASE,), timescaledb=False, skipped=TIMESCALE_FILES)
+)
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +39,7 @@ def _repo_sql_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def settings_for(schema: str, **overrides: Any) -> Settings:
-    return Settings(
-        timescale_host="127.0.0.1",
-        timescale_port=services.PG_PORT,
-        timescale_db=services.PG_DB,
-        timescale_user=services.PG_USER,
-        timescale_password=services.PG_PASSWORD,
-        timescale_schema=schema,
-        **overrides,
-    )
+    return testkit.db_settings(schema, **overrides)
 
 
 def recorded(schema: str) -> list[tuple[Any, ...]]:
@@ -63,10 +56,11 @@ def table_exists(schema: str, name: str) -> bool:
 # --------------------------------------------------------------------------- real PostgreSQL
 
 
+@pytest.mark.both_servers
 def test_first_run_creates_the_spec_table_and_records_the_migration(schema: str) -> None:
     report = migrate(settings_for(schema))
 
-    assert report == MigrationReport(applied=(BASE,), timescaledb=False, skipped=TIMESCALE_FILES)
+    assert report == EXPECTED_FIRST_RUN
     with testkit.connect(schema) as conn:
         columns = conn.execute(
             "SELECT column_name FROM information_schema.columns"
@@ -91,10 +85,11 @@ def test_first_run_creates_the_spec_table_and_records_the_migration(schema: str)
     assert 'USING btree (device_id, "timestamp" DESC)' in indexes["idx_iot_device_id"]
     assert 'USING btree (component_type, "timestamp" DESC)' in indexes["idx_iot_component"]
     assert 'USING btree (connector_mode, "timestamp" DESC)' in indexes["idx_iot_mode"]
-    [(name, checksum, _)] = recorded(schema)
-    assert (name, checksum) == (BASE, hashlib.sha256((REPO_SQL / BASE).read_bytes()).hexdigest())
+    assert [(name, checksum) for name, checksum, _ in recorded(schema)] == [
+        (f, hashlib.sha256((REPO_SQL / f).read_bytes()).hexdigest()) for f in EXPECTED_FIRST_RUN.applied]
 
 
+@pytest.mark.both_servers
 def test_second_run_applies_nothing_and_says_up_to_date(schema: str) -> None:
     migrate(settings_for(schema))
     before = recorded(schema)
@@ -107,6 +102,7 @@ def test_second_run_applies_nothing_and_says_up_to_date(schema: str) -> None:
     assert [e["event"] for e in logs if e["event"].startswith("migration")] == ["migrations_up_to_date"]
 
 
+@pytest.mark.both_servers
 def test_concurrent_starts_on_a_fresh_schema_do_not_race(infra: None) -> None:
     schema = testkit.unique_name("s")  # not created beforehand: the replicas race on CREATE SCHEMA too
     replicas = 4
@@ -135,12 +131,14 @@ def test_concurrent_starts_on_a_fresh_schema_do_not_race(infra: None) -> None:
             t.join(timeout=60)
         assert errors == []
         assert len(reports) == replicas
-        assert sorted(r.applied for r in reports) == [(), (), (), (BASE,)]
-        assert [name for name, _, _ in recorded(schema)] == [BASE]
+        # Each file applied by exactly one replica (which one takes which file is the race's).
+        assert sorted(f for r in reports for f in r.applied) == list(EXPECTED_FIRST_RUN.applied)
+        assert [name for name, _, _ in recorded(schema)] == list(EXPECTED_FIRST_RUN.applied)
     finally:
         testkit.drop_schema(schema)
 
 
+@pytest.mark.plain_postgres
 def test_timescaledb_required_fails_clearly_and_changes_nothing(schema: str) -> None:
     expected = r"TIMESCALEDB_REQUIRED=true but TimescaleDB cannot be used: .*not installed"
     with pytest.raises(MigrationError, match=expected):
@@ -150,6 +148,7 @@ def test_timescaledb_required_fails_clearly_and_changes_nothing(schema: str) -> 
     assert not table_exists(schema, "schema_migrations")
 
 
+@pytest.mark.plain_postgres
 def test_timescaledb_migrations_are_skipped_unrecorded_and_a_warning_says_features_are_off(schema: str) -> None:
     with capture_logs() as logs:
         report = migrate(settings_for(schema))
@@ -165,6 +164,7 @@ def test_timescaledb_migrations_are_skipped_unrecorded_and_a_warning_says_featur
     assert not [e for e in logs if e["event"] in {"timescaledb_enabled", "timescale_policy_set"}]
 
 
+@pytest.mark.plain_postgres
 def test_skipped_timescaledb_migration_applies_on_the_first_start_with_the_extension(
     schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -174,8 +174,8 @@ def test_skipped_timescaledb_migration_applies_on_the_first_start_with_the_exten
 
     first = migrate(settings_for(schema))
     # The extension "appears": the seam is the availability probe, the policies need the real thing.
-    monkeypatch.setattr(migrations, "_timescale", lambda conn: migrations._Timescale(True, "2.29.1"))
-    monkeypatch.setattr(migrations, "_reconcile", lambda conn, schema, policies: None)
+    monkeypatch.setattr(migrations, "_availability", lambda conn: Availability(True, "2.29.1"))
+    monkeypatch.setattr(timescale, "reconcile", lambda conn, schema, policies: [])
     second = migrate(settings_for(schema))
     third = migrate(settings_for(schema))
 
@@ -185,6 +185,7 @@ def test_skipped_timescaledb_migration_applies_on_the_first_start_with_the_exten
     assert table_exists(schema, "extra")
 
 
+@pytest.mark.both_servers
 def test_changed_applied_migration_is_refused(schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sql_dir = tmp_path / "sql"
     shutil.copytree(REPO_SQL, sql_dir)
@@ -198,13 +199,14 @@ def test_changed_applied_migration_is_refused(schema: str, tmp_path: Path, monke
         migrate(settings_for(schema))
 
 
+@pytest.mark.both_servers
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"timescale_chunk_interval": "one day"}, r"TIMESCALE_CHUNK_INTERVAL='one day' is not a PostgreSQL interval"),
         ({"timescale_compress_after": "-1 day"}, r"TIMESCALE_COMPRESS_AFTER='-1 day' must be a positive .*0 or off"),
         ({"timescale_retention": EVIL}, r"TIMESCALE_RETENTION=.* is not a PostgreSQL interval"),
-        ({"timescale_retention": "3 days"}, r"TIMESCALE_RETENTION='3 days' must be at least 7 days \+ 1 day"),
+        ({"timescale_retention": "47 hours"}, r"TIMESCALE_RETENTION='47 hours' must be at least 1 day \+ 1 day"),
         ({"timescale_cagg_refresh_interval": "0"}, r"TIMESCALE_CAGG_REFRESH_INTERVAL='0' must be a positive"),
     ],
 )
@@ -217,6 +219,7 @@ def test_bad_schema_settings_name_the_env_var_before_anything_changes(
     assert not table_exists(schema, "schema_migrations")
 
 
+@pytest.mark.plain_postgres
 def test_zero_and_off_disable_compression_and_retention(
     schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,9 +227,9 @@ def test_zero_and_off_disable_compression_and_retention(
     # apply), and the reconcile step, which must be told to keep no compression and no retention.
     shutil.copy(REPO_SQL / BASE, tmp_path / BASE)
     monkeypatch.setenv(migrations.SQL_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(migrations, "_timescale", lambda conn: migrations._Timescale(True, "2.29.1"))
+    monkeypatch.setattr(migrations, "_availability", lambda conn: Availability(True, "2.29.1"))
     reconciled: list[TimescalePolicies] = []
-    monkeypatch.setattr(migrations, "_reconcile", lambda conn, schema, policies: reconciled.append(policies))
+    monkeypatch.setattr(timescale, "reconcile", lambda conn, schema, policies: reconciled.append(policies) or [])
 
     report = migrate(settings_for(schema, timescale_compress_after="0", timescale_retention="OFF"))
 
@@ -260,26 +263,32 @@ def test_timescaledb_sql_renders_setting_values_as_quoted_literals() -> None:
     assert render("SELECT :'v'::interval, '{a}'::text[], x::int", {"v": "a\\b"}) == (
         "SELECT  E'a\\\\b'::interval, '{a}'::text[], x::int"
     )
-    table, view = "'iot_measurements'", "'iot_measurements_hourly'"
+    table, view = "'\"s\".\"iot_measurements\"'::regclass", "'\"s\".\"iot_measurements_hourly\"'::regclass"
+    policies = TimescalePolicies("1 day", "1 day", EVIL, EVIL)
     statements = [
-        (migrations.set_chunk_interval_sql(EVIL), f"SELECT set_chunk_time_interval({table}, {quoted}::interval)"),
+        (timescale.set_chunk_interval_sql("s", EVIL), f"SELECT set_chunk_time_interval({table}, {quoted}::interval)"),
         (
-            migrations.add_compression_policy_sql(EVIL),
+            timescale.add_compression_policy_sql("s", EVIL),
             f"SELECT add_compression_policy({table}, compress_after => {quoted}::interval)",
         ),
-        (migrations.remove_compression_policy_sql(), f"SELECT remove_compression_policy({table}, if_exists => true)"),
+        (timescale.remove_compression_policy_sql("s"), f"SELECT remove_compression_policy({table}, if_exists => true)"),
         (
-            migrations.add_retention_policy_sql(EVIL),
+            timescale.add_retention_policy_sql("s", EVIL),
             f"SELECT add_retention_policy({table}, drop_after => {quoted}::interval)",
         ),
-        (migrations.remove_retention_policy_sql(), f"SELECT remove_retention_policy({table}, if_exists => true)"),
+        (timescale.remove_retention_policy_sql("s"), f"SELECT remove_retention_policy({table}, if_exists => true)"),
         (
-            migrations.add_refresh_policy_sql(EVIL),
-            f"SELECT add_continuous_aggregate_policy({view}, start_offset => '7 days'::interval,"
+            timescale.add_refresh_policy_sql("s", policies),
+            f"SELECT add_continuous_aggregate_policy({view}, start_offset => {quoted}::interval - '1 day'::interval,"
             f" end_offset => '1 hour'::interval, schedule_interval => {quoted}::interval)",
         ),
         (
-            migrations.remove_refresh_policy_sql(),
+            timescale.add_refresh_policy_sql("s", replace(policies, retention=None)),
+            f"SELECT add_continuous_aggregate_policy({view}, start_offset => NULL::interval,"
+            f" end_offset => '1 hour'::interval, schedule_interval => {quoted}::interval)",
+        ),
+        (
+            timescale.remove_refresh_policy_sql("s"),
             f"SELECT remove_continuous_aggregate_policy({view}, if_exists => true)",
         ),
     ]
@@ -351,21 +360,20 @@ def test_policy_is_reset_only_when_it_differs_from_the_setting(
 ) -> None:
     conn = RecordingConnection()
 
-    with capture_logs() as logs:
-        migrations._reconcile_job(
-            conn,  # the decision only calls execute()
-            "retention",
-            jobs,
-            want,
-            lambda value: migrations.sql.SQL("add {}").format(migrations.sql.SQL(value)),
-            migrations.sql.Composed([migrations.sql.SQL("remove")]),
-        )
+    changes = timescale.reconcile_job(
+        conn,  # type: ignore[arg-type]  # the decision only calls execute()
+        "retention",
+        jobs,
+        want,
+        lambda value: sql.SQL("add {}").format(sql.SQL(value)),
+        sql.Composed([sql.SQL("remove")]),
+    )
 
     assert conn.executed == expected
-    changes = [(e["policy"], e["value"]) for e in logs if e["event"] == "timescale_policy_set"]
-    assert changes == ([("retention", want or "off")] if expected else [])
+    assert changes == ([timescale.PolicyChange("retention", want or "off")] if expected else [])
 
 
+@pytest.mark.both_servers
 def test_a_lock_not_granted_in_time_is_a_retryable_error_not_a_wait_for_ever(schema: str) -> None:
     # Another replica migrating (or DDL queued behind a long reader) holds what a migration needs:
     # give up after LOCK_TIMEOUT and let the caller retry, instead of waiting with every writer

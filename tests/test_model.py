@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from psycopg import sql
 from pydantic import ValidationError
 
 from sink.model import COLUMNS, PRIMARY_KEY, IotMeasurement, as_row
@@ -386,15 +387,15 @@ def test_as_row_yields_values_in_column_order() -> None:
 
 
 def test_insert_statement_lists_the_model_columns_and_returns_the_primary_key() -> None:
-    text = insert_statement().as_string(None)
+    text = insert_statement(sql.Identifier("s", "iot_measurements")).as_string(None)
     cols = ", ".join(f'"{c}"' for c in COLUMNS)
     pk = ", ".join(f'"{c}"' for c in PRIMARY_KEY)
-    assert text == (f'INSERT INTO "iot_measurements" ({cols}) SELECT {cols} FROM "_sink_stage" '
+    assert text == (f'INSERT INTO "s"."iot_measurements" ({cols}) SELECT {cols} FROM "_sink_stage" '
                     f'ORDER BY "_sink_ord" ON CONFLICT DO NOTHING RETURNING {pk}')
 
 
 def test_insert_statement_quotes_identifiers() -> None:
-    text = insert_statement(columns=('we"ird',), pk=('we"ird',), table="t", stage="s").as_string(None)
+    text = insert_statement(sql.Identifier("t"), columns=('we"ird',), pk=('we"ird',), stage="s").as_string(None)
     assert text == ('INSERT INTO "t" ("we""ird") SELECT "we""ird" FROM "s" ORDER BY "_sink_ord" '
                     'ON CONFLICT DO NOTHING RETURNING "we""ird"')
 

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
+from psycopg import sql
 from pydantic import Field, StringConstraints
 
-from dev import services
+from dev import testkit
 from sink.migrations import migrate
 from sink.model import COLUMNS, PRIMARY_KEY, IotMeasurement, as_row
 from sink.settings import Settings
 from sink.writer import PgWriter, insert_statement
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_servers]
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 
@@ -28,15 +29,13 @@ class WithFirmware(IotMeasurement):
 
 
 def settings(schema: str) -> Settings:
-    return Settings(timescale_host="127.0.0.1", timescale_port=services.PG_PORT, timescale_schema=schema,
-                    timescale_db=services.PG_DB, timescale_user=services.PG_USER,
-                    timescale_password=services.PG_PASSWORD)  # type: ignore[arg-type]
+    return testkit.db_settings(schema)
 
 
 def test_insert_statement_follows_the_models_fields() -> None:
     cols = tuple(WithFirmware.model_fields)
     assert cols == (*COLUMNS, "firmware")
-    text = repr(insert_statement(cols, PRIMARY_KEY))
+    text = repr(insert_statement(sql.Identifier("s", "iot_measurements"), cols, PRIMARY_KEY))
     assert "'firmware'" in text and "ON CONFLICT DO NOTHING" in text
 
 
@@ -44,7 +43,7 @@ def test_adding_a_nullable_column_keeps_old_and_new_writers_working(schema: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     st = settings(schema)
     migrate(st)
-    old = PgWriter(st.conninfo())
+    old = PgWriter(st.conninfo(), schema)
     old_row = as_row(IotMeasurement.model_validate({"timestamp": 1_700_000_000, "mac_address": "old"}))
     assert old.write([old_row]).inserted == 1
 
@@ -57,15 +56,14 @@ def test_adding_a_nullable_column_keeps_old_and_new_writers_working(schema: str,
     report = migrate(st)
     assert report.applied == ("900_firmware.sql",)
 
-    new = PgWriter(st.conninfo(), columns=tuple(WithFirmware.model_fields))
+    new = PgWriter(st.conninfo(), schema, columns=tuple(WithFirmware.model_fields))
     m = WithFirmware.model_validate({"timestamp": 1_700_000_001, "mac_address": "new", "fw": "1.2.3"})
     assert new.write([tuple(getattr(m, c) for c in WithFirmware.model_fields)]).inserted == 1
     # A replica still on the old model keeps writing: the new column stays NULL for its rows.
     old.close()
     old_row2 = as_row(IotMeasurement.model_validate({"timestamp": 1_700_000_002, "mac_address": "old"}))
-    assert PgWriter(st.conninfo()).write([old_row2]).inserted == 1
+    assert PgWriter(st.conninfo(), schema).write([old_row2]).inserted == 1
 
-    from dev import testkit
 
     with testkit.connect(schema) as conn:
         got = conn.execute("SELECT device_id, firmware FROM iot_measurements ORDER BY timestamp").fetchall()
@@ -79,4 +77,4 @@ def test_writer_refuses_a_model_field_the_table_lacks(schema: str) -> None:
     st = settings(schema)
     migrate(st)
     with pytest.raises(FatalError, match="lacks column"):
-        PgWriter(st.conninfo(), columns=tuple(WithFirmware.model_fields)).connect()
+        PgWriter(st.conninfo(), schema, columns=tuple(WithFirmware.model_fields)).connect()

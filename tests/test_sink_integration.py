@@ -15,7 +15,7 @@ import pytest
 from dev import services, testkit
 from sink.envelope import H_CLASS, H_OFFSET, H_PARTITION, H_STAGE, H_TOPIC, parse_headers
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_servers]
 
 
 def measurement(i: int, device: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -12,27 +12,24 @@ from typing import Any
 
 import pytest
 
-from dev import services, testkit
+from dev import testkit
 from sink import writer as writer_module
 from sink.errors import RetryableError
 from sink.migrations import migrate
 from sink.model import COLUMNS, PRIMARY_KEY
 from sink.pipeline import wait_keeping_alive
-from sink.settings import Settings
 from sink.writer import PgWriter
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_servers]
 
 PK = tuple(COLUMNS.index(c) for c in PRIMARY_KEY)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def writer(schema: str) -> PgWriter:
-    st = Settings(timescale_host="127.0.0.1", timescale_port=services.PG_PORT, timescale_schema=schema,
-                  timescale_db=services.PG_DB, timescale_user=services.PG_USER,
-                  timescale_password=services.PG_PASSWORD)  # type: ignore[arg-type]
+    st = testkit.db_settings(schema)
     migrate(st)
-    return PgWriter(st.conninfo())
+    return PgWriter(st.conninfo(), schema)
 
 
 def row(rnd: random.Random, i: int) -> tuple[Any, ...]:
