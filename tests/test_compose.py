@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sink.migrations import MIN_TIMESCALEDB
 from sink.settings import Settings
+from sink.timescale import MIN_TIMESCALEDB
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from sink.errors import RetryableError, classify_db_error
 from sink.migrations import MigrationError, MigrationReport, load_migrations, migrate, render
 from sink.model import COLUMNS, PRIMARY_KEY
 from sink.settings import Settings
-from sink.timescale import Availability, TimescalePolicies
+from sink.timescale import Availability, TimescalePolicies, preloaded
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 BASE = "001_iot_measurements.sql"
@@ -385,3 +385,9 @@ def test_a_lock_not_granted_in_time_is_a_retryable_error_not_a_wait_for_ever(sch
                                    "migrate() still waiting for the lock after 30 s")
     assert isinstance(err, psycopg.Error) and err.sqlstate == "55P03"  # not a MigrationError: retried
     assert isinstance(classify_db_error(err, "migrate"), RetryableError)
+
+
+@pytest.mark.both_servers
+def test_preloaded_says_whether_the_server_loaded_timescaledb() -> None:
+    with testkit.connect() as conn:
+        assert preloaded(conn) is services.TIMESCALEDB
