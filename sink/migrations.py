@@ -9,7 +9,11 @@
    record it with its checksum in ``schema_migrations``.  A file that starts with
    ``-- requires: timescaledb`` is skipped, and not recorded, without TimescaleDB.
 4. With TimescaleDB: re-set the chunk interval and the compression, retention and refresh
-   policies wherever they differ from the settings.
+   policies wherever they differ from the settings (``sink.timescale.reconcile``), and log
+   each change once its transaction committed.
+
+Every object is named in ``TIMESCALE_SCHEMA`` (the ledger ``schema_migrations`` too): another
+schema's tables, reachable through the search path, are never read or written.
 
 Values from settings reach SQL only as quoted literals (psycopg ``sql.Literal``) or bound
 parameters.  Connection-class errors (SQLSTATE 08/40/53/57/58, or no SQLSTATE) and lock

@@ -78,9 +78,9 @@ def test_kafka_is_the_official_image_as_a_single_kraft_node(services: dict[str, 
     assert "kafka-broker-api-versions.sh" in " ".join(kafka["healthcheck"]["test"])
 
 
-def test_timescaledb_is_pinned_to_a_pg16_release_the_sink_supports(services: dict[str, Any]) -> None:
+def test_timescaledb_is_pinned_to_the_release_the_suite_verified(services: dict[str, Any]) -> None:
     db = services["timescaledb"]
-    match = re.fullmatch(r"timescale/timescaledb:(\d+)\.(\d+)\.(\d+)-pg16", db["image"])
+    match = re.fullmatch(r"timescale/timescaledb:(\d+)\.(\d+)\.(\d+)-pg15", db["image"])
 
     assert match, db["image"]
     assert tuple(int(x) for x in match.groups()) >= MIN_TIMESCALEDB
