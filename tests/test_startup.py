@@ -60,12 +60,12 @@ def test_a_timescale_interval_the_database_refuses_exits_2_naming_the_variable(s
                                                                                tmp_path: Path, command: str) -> None:
     # Only PostgreSQL parses an interval as TimescaleDB will, so this is found once connected;
     # it is still a bad setting (exit 2, config_invalid), not a failed migration (exit 1).
-    env = testkit.sink_env(schema, topic, group, TIMESCALE_RETENTION="3 days")
+    env = testkit.sink_env(schema, topic, group, TIMESCALE_RETENTION="1 day")
     done = subprocess.run([sys.executable, "-m", "sink", command], env=env, cwd=testkit.ROOT, capture_output=True,
                           timeout=120, check=False)
     assert done.returncode == 2
     (invalid,) = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "config_invalid"]
-    assert invalid["reason"].startswith("TIMESCALE_RETENTION='3 days' must be at least")
-    assert b"TIMESCALE_RETENTION='3 days'" in done.stderr and b"Traceback" not in done.stderr
+    assert invalid["reason"].startswith("TIMESCALE_RETENTION='1 day' must be at least")
+    assert b"TIMESCALE_RETENTION='1 day'" in done.stderr and b"Traceback" not in done.stderr
     with testkit.connect() as conn:  # refused before anything was created
         assert conn.execute("SELECT to_regclass(%s)", [f"{schema}.schema_migrations"]).fetchone() == (None,)
