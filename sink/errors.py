@@ -50,22 +50,27 @@ _POISON_CLASSES = frozenset({"22", "23"})
 _RETRYABLE_CODES = frozenset({"55P03", "55006", "25P03", "25P04"})
 
 
+def db_error_is_retryable(exc: BaseException) -> bool:
+    """The database is unavailable or busy, not wrong: SQLSTATE classes 08/40/53/57/58, lock
+    timeouts and ended sessions, or no SQLSTATE at all (the connection failed or broke)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate:
+        return sqlstate[:2] in _RETRYABLE_CLASSES or sqlstate in _RETRYABLE_CODES
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
+
+
 def classify_db_error(exc: BaseException, cause: str = "db_write") -> SinkError:
     """Map a psycopg exception to RetryableError, PoisonError or FatalError."""
     if isinstance(exc, SinkError):
         return exc
     sqlstate = getattr(exc, "sqlstate", None)
-    message = _pg_message(exc)
+    message = pg_message(exc)
+    if db_error_is_retryable(exc):
+        return RetryableError(cause, f"[{sqlstate}] {message}" if sqlstate else message or type(exc).__name__)
     if sqlstate:
-        klass = sqlstate[:2]
-        if klass in _RETRYABLE_CLASSES or sqlstate in _RETRYABLE_CODES:
-            return RetryableError(cause, f"[{sqlstate}] {message}")
-        if klass in _POISON_CLASSES:
+        if sqlstate[:2] in _POISON_CLASSES:
             return PoisonError(type(exc).__name__, message, sqlstate)
         return FatalError(f"database error [{sqlstate}] {type(exc).__name__}: {message}")
-    # No SQLSTATE: the connection failed or broke before/while talking to the server.
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
-        return RetryableError(cause, message or type(exc).__name__)
     return FatalError(f"unexpected database error {type(exc).__name__}: {message}")
 
 
@@ -80,7 +85,8 @@ def retry_log_fields(cause: str, state: RetryCallState) -> dict[str, Any]:
             "error_class": type(root).__name__ if root is not None else None}
 
 
-def _pg_message(exc: BaseException) -> str:
+def pg_message(exc: BaseException) -> str:
+    """The server's primary message (with its detail), or the exception's first line."""
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None) if diag is not None else None
     detail = getattr(diag, "message_detail", None) if diag is not None else None

@@ -16,9 +16,9 @@ Every object is named in ``TIMESCALE_SCHEMA`` (the ledger ``schema_migrations`` 
 schema's tables, reachable through the search path, are never read or written.
 
 Values from settings reach SQL only as quoted literals (psycopg ``sql.Literal``) or bound
-parameters.  Connection-class errors (SQLSTATE 08/40/53/57/58, or no SQLSTATE) and lock
-timeouts (55P03, after LOCK_TIMEOUT) propagate as psycopg errors for the caller to retry;
-everything else fatal is a ``MigrationError``.
+parameters.  Errors sink.errors calls retryable (SQLSTATE 08/40/53/57/58, lock timeouts after
+LOCK_TIMEOUT, ended sessions, no SQLSTATE) propagate as psycopg errors for the caller to
+retry; everything else fatal is a ``MigrationError``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import psycopg
 from psycopg import sql
 
 from sink import timescale
+from sink.errors import db_error_is_retryable, pg_message
 from sink.logs import get_logger
 from sink.settings import ConfigError, Settings
 from sink.timescale import MIN_REFRESH_WINDOW, RETENTION_MARGIN, TimescalePolicies, TimescaleVersionError
@@ -48,9 +49,6 @@ _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 _REQUIRES = re.compile(r"^--\s*requires:\s*(.+?)\s*$")
 # psql variable syntax, :'name' -> quoted literal; the look-behind leaves "::" casts alone.
 _VARIABLE = re.compile(r"(?<!:):'([A-Za-z_][A-Za-z0-9_]*)'")
-_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-# lock_not_available: a lock not granted within LOCK_TIMEOUT; the caller retries later.
-_TRANSIENT_SQLSTATES = frozenset({"55P03"})
 # A migration's DDL waits for its table lock behind every open transaction on the table (a long
 # dashboard query), and every writer queues behind the waiting DDL: give up after a few
 # seconds and retry, rather than stall the writers.  Also bounds the wait for the advisory lock
@@ -200,7 +198,7 @@ def migrate(settings: Settings) -> MigrationReport:
                     skipped=skipped,
                 )
         except psycopg.Error as e:
-            if _transient(e):
+            if db_error_is_retryable(e):
                 raise
             raise MigrationError(f"schema {schema!r}: {_describe(e)}") from e
     return MigrationReport(tuple(applied), ts.available, tuple(skipped))
@@ -289,7 +287,7 @@ def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration, variables: 
         try:
             conn.execute(render(m.text, variables, conn))
         except psycopg.Error as e:
-            if _transient(e):
+            if db_error_is_retryable(e):
                 raise
             raise MigrationError(f"{m.name} failed: {_describe(e)}") from e
         conn.execute(sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(_ledger(schema)),
@@ -314,12 +312,5 @@ def _scalar(conn: psycopg.Connection[Any], query: str, params: list[Any] | None 
     return None if row is None else row[0]
 
 
-def _transient(e: psycopg.Error) -> bool:
-    if e.sqlstate is None:
-        return isinstance(e, psycopg.OperationalError | psycopg.InterfaceError)
-    return e.sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or e.sqlstate in _TRANSIENT_SQLSTATES
-
-
 def _describe(e: psycopg.Error) -> str:
-    message = e.diag.message_primary or str(e).strip()
-    return f"{message} (SQLSTATE {e.sqlstate})" if e.sqlstate else message
+    return f"{pg_message(e)} (SQLSTATE {e.sqlstate})" if e.sqlstate else pg_message(e)

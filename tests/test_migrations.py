@@ -391,3 +391,18 @@ def test_a_lock_not_granted_in_time_is_a_retryable_error_not_a_wait_for_ever(sch
 def test_preloaded_says_whether_the_server_loaded_timescaledb() -> None:
     with testkit.connect() as conn:
         assert preloaded(conn) is services.TIMESCALEDB
+
+
+@pytest.mark.parametrize("error", [psycopg.errors.ObjectInUse, psycopg.errors.IdleInTransactionSessionTimeout,
+                                   psycopg.errors.LockNotAvailable, psycopg.errors.AdminShutdown])
+def test_a_migration_failing_as_the_writer_would_retry_is_retried_not_fatal(
+    schema: str, monkeypatch: pytest.MonkeyPatch, error: type[psycopg.Error]
+) -> None:
+    # One classifier: what sink.errors calls retryable propagates for the caller's retry.
+    def fail(*args: Any) -> str:
+        raise error("in use")
+
+    monkeypatch.setattr(migrations, "render", fail)
+    with pytest.raises(error):
+        migrate(settings_for(schema))
+    assert isinstance(classify_db_error(error("in use"), "migrate"), RetryableError)
