@@ -151,8 +151,8 @@ def _inspect(settings: Settings, args: argparse.Namespace, flt: ReplayFilter) ->
 
 def _replay(settings: Settings, args: argparse.Namespace, flt: ReplayFilter) -> int:
     from dlq.render import replay_view, show
-    from dlq.replay import RetryPolicy
     from dlq.runner import replay_group, run_replay
+    from sink.retry import RetryPolicy
 
     opts = ReplayOptions(
         dlq_topic=args.dlq_topic or settings.dlq_topic, filter=flt, on_failure=OnFailure(args.on_failure),

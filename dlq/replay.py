@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
+from tenacity import RetryCallState
 
 from dlq.filters import ReplayFilter
 from dlq.reader import PartitionRange
@@ -24,6 +23,7 @@ from sink.envelope import DlqInfo, DlqRecord, fit_record, original_headers, pars
 from sink.errors import FatalError, PoisonError, RetryableError, retry_log_fields
 from sink.logs import get_logger
 from sink.model import Row
+from sink.retry import RetryPolicy, retrying
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sink.types import Rejection, SourceRecord, WriteResult
 
@@ -59,20 +59,6 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """Retryable trouble (database or broker unavailable) during a run.  Bounded, unlike the
-    sink's: an operator is waiting, and the next run resumes where this one stopped."""
-
-    attempts: int = 8
-    initial_backoff: float = 0.5
-    max_backoff: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1 or self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff:
-            raise ValueError("attempts >= 1 and 0 < initial_backoff <= max_backoff")
-
-
-@dataclass(frozen=True)
 class ReplayOptions:
     dlq_topic: str  # where records that fail again go (the DLQ being read)
     filter: ReplayFilter = field(default_factory=ReplayFilter)
@@ -82,6 +68,7 @@ class ReplayOptions:
     max_records: int | None = None  # selected records to replay in this run
     batch_size: int = 500
     max_splits: int = 64
+    # Bounded, unlike the sink's: an operator is waiting, and the next run resumes where this one stopped.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES  # the DLQ topic's max.message.bytes
 
@@ -383,17 +370,8 @@ def retry(policy: RetryPolicy, cause: str, fn: Callable[[], T], sleep: Callable[
     def before_sleep(state: RetryCallState) -> None:
         log.warning("retrying", **retry_log_fields(cause, state))
 
-    retrying = Retrying(
-        retry=retry_if_exception_type(RetryableError),
-        wait=wait_exponential_jitter(multiplier=policy.initial_backoff, max=policy.max_backoff,
-                                     jitter=policy.initial_backoff),
-        stop=stop_after_attempt(policy.attempts),
-        sleep=sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
     try:
-        return retrying(fn)
+        return retrying(policy, sleep=sleep, before_sleep=before_sleep)(fn)
     except RetryableError as e:
         raise FatalError(f"{cause} still failing after {policy.attempts} attempts: {e}; "
                          "nothing uncommitted was counted, run the replay again to resume") from e

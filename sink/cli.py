@@ -10,14 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_never,
-    wait_exponential_jitter,
-)
+from tenacity import RetryCallState
 
 from sink import __version__
 from sink.errors import (
@@ -29,6 +22,7 @@ from sink.errors import (
     retry_log_fields,
 )
 from sink.logs import configure_logging, get_logger
+from sink.retry import RetryPolicy, retrying
 from sink.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -243,15 +237,9 @@ def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[],
             metrics.retries.labels(cause=cause).inc()
         log.warning("retrying", **retry_log_fields(cause, state))
 
-    attempts = settings.retry_max_attempts
-    retrying = Retrying(retry=retry_if_exception_type(RetryableError),
-                        stop=stop_after_attempt(attempts) if attempts else stop_never,
-                        wait=wait_exponential_jitter(multiplier=settings.retry_initial_backoff,
-                                                     max=settings.retry_max_backoff,
-                                                     jitter=settings.retry_initial_backoff),
-                        sleep=sleep, before_sleep=before_sleep, reraise=True)
+    policy = RetryPolicy.from_settings(settings)
     try:
-        for attempt in retrying:
+        for attempt in retrying(policy, sleep=sleep, before_sleep=before_sleep):
             if stop_requested():
                 return None
             with attempt:
@@ -266,7 +254,7 @@ def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[],
                         raise classify_kafka_error(e.args[0] if e.args else None, cause) from e
                     raise
     except RetryableError as e:  # RETRY_MAX_ATTEMPTS used up
-        raise FatalError(f"{cause} failed after {attempts} attempts: {e}") from e
+        raise FatalError(f"{cause} failed after {policy.attempts} attempts: {e}") from e
     return None
 
 

@@ -14,8 +14,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_never
-from tenacity.wait import wait_exponential_jitter
+from tenacity import RetryCallState
 
 from sink.batcher import Batch, Batcher, Clock
 from sink.bisect import write_isolating_poison
@@ -27,6 +26,7 @@ from sink.health import HealthState
 from sink.logs import get_logger
 from sink.metrics import Metrics
 from sink.model import Row
+from sink.retry import RetryPolicy, retrying
 from sink.settings import Settings
 from sink.types import Rejection, SourceRecord, WriteResult
 from sink.watchdog import Watchdog
@@ -70,15 +70,16 @@ class Committer(Protocol):
     def complete(self, dlq: Sequence[DlqRecord], offsets: dict[TP, int]) -> None: ...
 
 
+_FOR_EVER = RetryPolicy(attempts=0, initial_backoff=0.5, max_backoff=30.0)  # the settings' defaults
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     topic: str
     batch_size: int = 2500
     batch_timeout: float = 1.0
     max_splits: int = 64
-    retry_initial_backoff: float = 0.5
-    retry_max_backoff: float = 30.0
-    retry_max_attempts: int = 0  # 0 = for ever
+    retry: RetryPolicy = _FOR_EVER
     shutdown_timeout: float = 30.0
     poll_timeout: float = 0.05  # a batch opens (and its timeout starts) within 50 ms of its first record
     # While the next batch is already being written, written batches wait up to this long and
@@ -92,8 +93,7 @@ class PipelineConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> PipelineConfig:
         return cls(topic=s.kafka_input_topic, batch_size=s.batch_size, batch_timeout=s.batch_timeout,
-                   max_splits=s.bisect_max_splits, retry_initial_backoff=s.retry_initial_backoff,
-                   retry_max_backoff=s.retry_max_backoff, retry_max_attempts=s.retry_max_attempts,
+                   max_splits=s.bisect_max_splits, retry=RetryPolicy.from_settings(s),
                    shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval)
 
 
@@ -467,28 +467,16 @@ class Pipeline:
     # ------------------------------------------------------------------ retries
 
     def _retry(self, cause: str, fn: Callable[[], T]) -> T:
-        cfg = self.cfg
-        stop_attempts = stop_never if cfg.retry_max_attempts == 0 else stop_after_attempt(cfg.retry_max_attempts)
-
-        def stop(state: RetryCallState) -> bool:
-            return bool(stop_attempts(state)) or self._shutdown_expired()
-
-        retrying = Retrying(
-            retry=retry_if_exception_type(RetryableError),
-            wait=wait_exponential_jitter(multiplier=cfg.retry_initial_backoff, max=cfg.retry_max_backoff,
-                                         jitter=cfg.retry_initial_backoff),
-            stop=stop,
-            sleep=self._keepalive,
-            before_sleep=lambda state: self._before_retry(cause, state),
-            reraise=True,
-        )
+        policy = self.cfg.retry
+        retry = retrying(policy, sleep=self._keepalive, before_sleep=lambda state: self._before_retry(cause, state),
+                         give_up=self._shutdown_expired)
         try:
-            result = retrying(fn)
+            result = retry(fn)
         except RetryableError as e:
             if self._shutdown_expired():
                 raise ShutdownExpired(f"{cause} still failing at shutdown: {e}") from e
-            raise FatalError(f"{cause} failed after {cfg.retry_max_attempts} attempts: {e}") from e
-        attempts = retrying.statistics.get("attempt_number", 1)
+            raise FatalError(f"{cause} failed after {policy.attempts} attempts: {e}") from e
+        attempts = retry.statistics.get("attempt_number", 1)
         if attempts > 1:
             log.info("recovered", cause=cause, attempt=attempts)
         return result

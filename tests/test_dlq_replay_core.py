@@ -10,7 +10,7 @@ import pytest
 
 from dlq.filters import build_filter
 from dlq.reader import PartitionRange
-from dlq.replay import Counts, OnFailure, Outcome, Output, Replayer, ReplayOptions, RetryPolicy
+from dlq.replay import Counts, OnFailure, Outcome, Output, Replayer, ReplayOptions
 from sink.envelope import (
     H_ATTEMPT,
     DlqRecord,
@@ -22,6 +22,7 @@ from sink.envelope import (
 )
 from sink.errors import FatalError, PoisonError, RetryableError
 from sink.model import Row
+from sink.retry import RetryPolicy
 from sink.types import Rejection, SourceRecord, WriteResult
 
 DLQ = "in.dlq"

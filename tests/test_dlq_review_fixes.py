@@ -20,9 +20,10 @@ from dlq.filters import build_filter
 from dlq.inspect import DlqStats
 from dlq.outbox import Output, PlainOutbox
 from dlq.reader import DlqReader, PartitionRange, capture_plan
-from dlq.replay import Outcome, Replayer, ReplayOptions, RetryPolicy
+from dlq.replay import Outcome, Replayer, ReplayOptions
 from sink.envelope import H_FAILED_AT, DlqRecord, parse_headers, to_dlq_record
 from sink.errors import RetryableError
+from sink.retry import RetryPolicy
 from sink.settings import Settings
 from sink.types import Rejection, SourceRecord
 

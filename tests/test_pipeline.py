@@ -16,6 +16,7 @@ from sink.envelope import DlqRecord, parse_headers
 from sink.errors import FatalError, PoisonError, RetryableError
 from sink.model import Row
 from sink.pipeline import Pipeline, PipelineConfig
+from sink.retry import RetryPolicy
 from sink.types import SourceRecord, WriteResult
 
 TOPIC = "in"
@@ -154,8 +155,8 @@ def make(records: list[SourceRecord], batch_size: int = 10, breaker: DlqBreaker 
     if spare is not None:  # a second connection to the same table
         spare.rows, spare.events = writer.rows, events
     committer = RecordingCommitter(events)
-    conf = PipelineConfig(topic=TOPIC, batch_size=batch_size, batch_timeout=1.0, retry_initial_backoff=0.5,
-                          retry_max_backoff=4.0, **cfg)
+    conf = PipelineConfig(topic=TOPIC, batch_size=batch_size, batch_timeout=1.0, retry=RetryPolicy(0, 0.5, 4.0),
+                          **cfg)
     p = Pipeline(conf, source, writer, committer, clock=clock,
                  breaker=breaker or DlqBreaker(DlqBreakerPolicy(enabled=False)), spare_writer=spare)
     return p, source, writer, committer, events, clock
