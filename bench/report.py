@@ -173,7 +173,7 @@ def machine() -> dict[str, Any]:
 
 def machine_line(facts: Mapping[str, Any]) -> str:
     """machine() in one printed line: the same code gave other ratios on another host
-    (docs/performance.md, "Results"), so a pasted table should say which one it ran on."""
+    (docs/performance.md), so a pasted table should say which one it ran on."""
     load = " ".join(f"{x:g}" for x in facts.get("load_average", []))
     return (f"machine: {facts.get('cpu', '?')}, {facts.get('cores', '?')} cores, Python {facts.get('python', '?')}, "
             f"PostgreSQL {facts.get('postgresql', '?')}, load average {load or '?'}")

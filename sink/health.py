@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sink.metrics import Metrics
 
-# The loop turns at least every poll timeout (0.5 s), also between retries.  It blocks longer
+# The loop turns at least every poll timeout (0.05 s), also between retries.  It blocks longer
 # only inside one database statement (the writer's statement_timeout, 120 s; a dead connection
 # is found by TCP keepalives within ~60-90 s) or one Kafka commit (the watchdog's 90 s): three
 # minutes without a turn means it is stuck (a hung call), and the container should be restarted.

@@ -33,7 +33,7 @@ EVENTS: dict[str, str] = {
     "partitions_assigned": "the group gave this instance partitions",
     "partitions_revoked": "partitions were taken away; their unwritten records are dropped",
     "partitions_lost": "partitions were lost without a clean revoke",
-    "consumer_paused": "consumption paused (database down or buffer full)",
+    "consumer_paused": "consumption paused (a database or broker failure is being retried)",
     "consumer_resumed": "consumption resumed",
     "kafka_error": "an error reported by librdkafka (`fatal`: true when it ends the sink)",
     "dlq_topic_created": "the DLQ topic did not exist and was created (room for the input's largest record)",
