@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -51,16 +50,13 @@ class HealthState:
                     "stopping": self.stopping}
 
 
-def serve(host: str, port: int, state: HealthState, metrics: Metrics,
-          refresh: Callable[[], None] | None = None) -> ThreadingHTTPServer:
-    """Start the server in a daemon thread; `refresh` updates gauges before a scrape."""
+def serve(host: str, port: int, state: HealthState, metrics: Metrics) -> ThreadingHTTPServer:
+    """Start the server in a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                if refresh is not None:
-                    refresh()
                 self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
                 ok, info = state.alive() if path == "/healthz" else state.ready()

@@ -72,7 +72,6 @@ class KafkaSource:
         self._on_assign: PartitionsCallback = lambda tps: None
         self._on_revoke: PartitionsCallback = lambda tps: None
         self.broker_up = False
-        self.last_ok = 0.0
         self._paused = False
         self._last_warn: dict[str, float] = {}
         self.consumer = Consumer(consumer_config(settings, {"error_cb": self._on_error, "stats_cb": self._on_stats}))
@@ -161,7 +160,6 @@ class KafkaSource:
                                               tuple(headers) if headers else (), ts if ts_type else None)))
         if msgs:  # a fetch answered; an assignment alone says nothing about the broker now
             self.broker_up = True
-        self.last_ok = time.monotonic()
         return out
 
     def pause(self) -> None:
@@ -206,14 +204,6 @@ class KafkaSource:
     def commit(self, offsets: dict[TP, int]) -> None:
         """Synchronous commit of explicit offsets (non-transactional mode)."""
         commit_offsets(self.consumer, offsets)
-
-    def partition_count(self) -> int | None:
-        try:
-            md = self.consumer.list_topics(self.topic, timeout=10)
-        except KafkaException:
-            return None
-        t = md.topics.get(self.topic)
-        return len(t.partitions) if t is not None and t.error is None else None
 
     def close(self) -> None:
         with contextlib.suppress(KafkaException, RuntimeError):
