@@ -19,6 +19,7 @@ from tenacity import RetryCallState
 from sink.batcher import Batch, Batcher, Clock
 from sink.bisect import write_isolating_poison
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
+from sink.commit_policy import CommitPolicy, CommitPolicyState
 from sink.decode import decode_many
 from sink.envelope import DlqRecord, to_dlq_record
 from sink.errors import FatalError, RetryableError, SinkError, retry_log_fields
@@ -160,8 +161,7 @@ class Pipeline:
         # only offsets and rejections are kept, for at most commit_interval).
         self._inflight: list[Batch] = []
         self._pending: list[tuple[Batch, list[Rejection]]] = []
-        self._pending_since = 0.0
-        self._caught_up = True  # the last consume returned less than asked for
+        self._commits = CommitPolicyState(CommitPolicy(cfg.commit_interval), clock)
         # Batches in step 1 (the database write), oldest first, each in a writer thread on its
         # own connection, while this thread consumes and decodes the next one and commits the
         # previous ones.  With a spare writer two batches overlap: the second one's COPY into
@@ -223,7 +223,7 @@ class Pipeline:
         still goes through _complete's steps in order, and batches commit in order."""
         self.health.turn()
         self._update_gauges()
-        if self._commit_due():
+        if self._commits.due():
             self._commit_pending()
             return
         due = self.batcher.due()
@@ -251,17 +251,16 @@ class Pipeline:
         room = max(1, self.batcher.room())
         if self._held:
             out, self._held = self._held[:room], self._held[room:]
-            self._caught_up = False
+            self._commits.consumed(caught_up=False)
             return out
         timeout = self.cfg.poll_timeout
         if self._writing:
             timeout = min(timeout, 0.005)  # come back soon to commit what the writer finished
-        if self._pending:
-            timeout = min(timeout, max(0.0, self._pending_since + self.cfg.commit_interval - self._clock()))
+        timeout = min(timeout, self._commits.time_left())
         if len(self.batcher.batch):
             timeout = max(0.0, min(timeout, self.batcher.time_left()))
         records = self.source.consume(room, timeout)
-        self._caught_up = len(records) < room
+        self._commits.consumed(caught_up=len(records) < room)
         return records
 
     def _drain(self) -> None:
@@ -362,21 +361,14 @@ class Pipeline:
             for rej in rejections:
                 self._log_rejected(rej)
             batch.release_rows()  # written: from here on only its offsets and rejections count
-            if not self._pending:
-                self._pending_since = self._clock()
+            self._commits.written()
             self._pending.append((batch, rejections))
             committing = True
         finally:
             if not committing:
                 self._forget(batch)
-        if self._commit_due():
+        if self._commits.due():
             self._commit_pending()
-
-    def _commit_due(self) -> bool:
-        """Commit now if caught up with the topic (nothing to gain by waiting), else once the
-        oldest written batch has waited commit_interval."""
-        return bool(self._pending) and (
-            self._caught_up or self._clock() - self._pending_since >= self.cfg.commit_interval)
 
     def _commit_written(self) -> None:
         """Leaving early (shutdown timeout, fatal error): the batches already through step 2 are
@@ -392,6 +384,7 @@ class Pipeline:
     def _commit_pending(self, retry: bool = True) -> None:
         """Steps 3 and 4 of _complete's list for every batch through step 2, in one commit."""
         pending, self._pending = self._pending, []
+        self._commits.committed()
         try:
             # Against whatever is still ours at each attempt: a revoke drops partitions from the batches.
             t1 = self._clock()

@@ -10,19 +10,7 @@ from hypothesis import strategies as st
 
 from sink.batcher import Batch, Batcher
 from sink.types import Rejection, SourceRecord
-
-
-class ManualClock:
-    """A monotonic clock the test moves by hand: time-based logic without sleeping."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import ManualClock
 
 
 def rec(offset: int, partition: int = 0, topic: str = "in") -> SourceRecord:

@@ -9,14 +9,7 @@ from structlog.testing import capture_logs
 
 from dlq.progress import BarProgress, LogProgress
 from dlq.replay import Counts
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import ManualClock
 
 
 def test_log_progress_emits_every_interval_and_once_at_the_end() -> None:

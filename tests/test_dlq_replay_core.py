@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
 from dlq.filters import build_filter
 from dlq.reader import PartitionRange
-from dlq.replay import Counts, OnFailure, Outcome, Output, Replayer, ReplayOptions
+from dlq.replay import Counts, OnFailure, Outcome, Replayer, ReplayOptions
 from sink.envelope import (
     H_ATTEMPT,
     DlqRecord,
@@ -20,10 +19,10 @@ from sink.envelope import (
     record_bytes,
     to_dlq_record,
 )
-from sink.errors import FatalError, PoisonError, RetryableError
-from sink.model import Row
+from sink.errors import FatalError, RetryableError
 from sink.retry import RetryPolicy
-from sink.types import Rejection, SourceRecord, WriteResult
+from sink.types import Rejection, SourceRecord
+from tests.fakes import ListOutbox, TableWriter
 
 DLQ = "in.dlq"
 TP = tuple[str, int]
@@ -71,49 +70,6 @@ class ListReader:
         out, self.pending = self.pending[:max_records], self.pending[max_records:]
         self.handed += len(out)
         return out
-
-
-class TableWriter:
-    """An in-memory table keyed on the primary key; `poison` rows fail like a CHECK constraint."""
-
-    def __init__(self, events: list[str]) -> None:
-        self.rows: dict[tuple[Any, ...], Row] = {}
-        self.events = events
-        self.poison: Callable[[Row], bool] = lambda row: False
-        self.fail_next = 0
-        self.calls: list[int] = []
-
-    def write(self, rows: Sequence[Row]) -> WriteResult:
-        self.calls.append(len(rows))
-        if self.fail_next:
-            self.fail_next -= 1
-            raise RetryableError("db_write", "connection refused")
-        if any(self.poison(r) for r in rows):
-            raise PoisonError("CheckViolation", "violates check constraint", "23514")
-        dups = []
-        for i, r in enumerate(rows):
-            if r[:5] in self.rows:
-                dups.append(i)
-            else:
-                self.rows[r[:5]] = r
-        self.events.append(f"write:{len(rows)}")
-        return WriteResult(len(rows) - len(dups), len(dups), tuple(dups))
-
-
-class ListOutbox:
-    def __init__(self, events: list[str]) -> None:
-        self.events = events
-        self.outputs: list[Output] = []
-        self.offsets: dict[TP, int] = {}
-        self.fail_next = 0
-
-    def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
-        if self.fail_next:
-            self.fail_next -= 1
-            raise RetryableError("replay_commit", "transaction aborted")
-        self.outputs.extend(outputs)
-        self.offsets.update(offsets)
-        self.events.append(f"commit:{len(outputs)}:{sorted(offsets.items())}")
 
 
 def make(records: list[SourceRecord], partitions: int = 1, **opts: Any) -> tuple[Replayer, TableWriter, ListOutbox,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from sink.errors import RetryableError
 from sink.retry import RetryPolicy
 from sink.settings import Settings
 from sink.types import Rejection, SourceRecord
+from tests.fakes import ListOutbox
 
 DLQ = "in.dlq"
 TP = tuple[str, int]
@@ -126,16 +127,6 @@ def test_a_replay_commits_only_past_records_it_replayed_when_an_error_comes_betw
     assert result.outcome is Outcome.COMPLETED
     assert result.counts.republished == 3 and len(outbox.outputs) == 3
     assert outbox.offsets == {(DLQ, 0): 3}
-
-
-class ListOutbox:
-    def __init__(self) -> None:
-        self.outputs: list[Output] = []
-        self.offsets: dict[TP, int] = {}
-
-    def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
-        self.outputs.extend(outputs)
-        self.offsets.update(offsets)
 
 
 # --------------------------------------------------------------------------- 2. failure times

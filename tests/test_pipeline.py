@@ -13,22 +13,15 @@ from structlog.testing import capture_logs
 
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
 from sink.envelope import DlqRecord, parse_headers
-from sink.errors import FatalError, PoisonError, RetryableError
+from sink.errors import FatalError, RetryableError
 from sink.model import Row
 from sink.pipeline import Pipeline, PipelineConfig
 from sink.retry import RetryPolicy
 from sink.types import SourceRecord, WriteResult
+from tests.fakes import ManualClock, TableWriter
 
 TOPIC = "in"
 TP = tuple[str, int]
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ListSource:
@@ -74,50 +67,6 @@ class ListSource:
     def revoke(self, tps: list[TP]) -> None:
         self.assigned -= set(tps)
         self.on_revoke(tps)
-
-
-class TableWriter:
-    """An in-memory table with a primary key on the whole row's first five fields."""
-
-    def __init__(self, events: list[str]) -> None:
-        self.rows: dict[tuple[Any, ...], Row] = {}
-        self.events = events
-        self.fail_next = 0  # raise RetryableError this many times
-        self.poison: Callable[[Row], bool] = lambda row: False
-        self.insert_s = 0.0  # what each write says its INSERT took
-        self.writes = 0
-        self.keepalives = 0
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def check(self) -> bool:
-        return True
-
-    def keepalive(self) -> None:
-        self.keepalives += 1
-
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult:
-        self.writes += 1
-        if before_insert is not None:
-            before_insert()
-        if self.fail_next:
-            self.fail_next -= 1
-            raise RetryableError("db_write", "connection refused")
-        if any(self.poison(r) for r in rows):
-            raise PoisonError("CheckViolation", "violates check constraint", "23514")
-        dups = []
-        for i, r in enumerate(rows):
-            if r[:5] in self.rows:
-                dups.append(i)
-            else:
-                self.rows[r[:5]] = r
-        self.events.append(f"write:{len(rows)}")
-        if after_insert is not None:
-            after_insert()
-        return WriteResult(len(rows) - len(dups), len(dups), tuple(dups), insert_s=self.insert_s)
 
 
 class RecordingCommitter:
