@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from sink.errors import FatalError, RetryableError, classify_kafka_error
 from sink.logs import get_logger
 from sink.settings import Settings
-from sink.source import commit_offsets, consumer_config
+from sink.source import commit_offsets, consumer_config, read_headers
 from sink.types import SourceRecord
 
 log = get_logger("dlq.reader")
@@ -145,8 +145,7 @@ class DlqReader:
                 self._advance(part, self.plan[part].end)
                 continue
             ts_type, ts = m.timestamp()
-            headers: Any = tuple(m.headers() or ())
-            out.append(SourceRecord(m.topic(), part, m.offset(), m.key(), m.value(), headers,
+            out.append(SourceRecord(m.topic(), part, m.offset(), m.key(), m.value(), read_headers(m),
                                     ts if ts_type else None))
             self._advance(part, m.offset() + 1)
         if first_error is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import socket
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from sink.errors import FatalError, classify_kafka_error
 from sink.logs import get_logger
 from sink.settings import Settings
-from sink.types import SourceRecord
+from sink.types import Headers, SourceRecord, UnreadableHeaders
 
 log = get_logger("sink.source")
 # SourceRecord(...) without the Python-level __new__ a NamedTuple adds (one per consumed record).
@@ -62,6 +63,33 @@ def commit_offsets(consumer: Any, offsets: dict[TP, int]) -> None:
     for tp in result or []:
         if tp.error is not None:
             raise classify_kafka_error(tp.error, "commit")
+
+
+# Through a C-level call, never as m.headers() in a loop: for a header name that is not UTF-8
+# confluent-kafka returns a list *and* sets an exception.  A plain call turns that into a
+# SystemError, but once CPython 3.11+ has specialised the call site in a hot loop it skips that
+# check, and the pending exception surfaces later, in an unrelated call of the next record.
+_headers = operator.methodcaller("headers")
+
+
+def read_headers(m: Any) -> Headers:
+    """A consumed message's headers as (str, bytes | None) pairs; UnreadableHeaders where the
+    Kafka client cannot read them."""
+    try:
+        headers = _headers(m)
+    except (SystemError, UnicodeDecodeError) as e:
+        return _unreadable(e)
+    return tuple(headers) if headers else ()
+
+
+def _unreadable(e: Exception) -> UnreadableHeaders:
+    """confluent-kafka cannot read a header name that is not UTF-8 and fails on all the record's
+    headers (a SystemError whose cause is the UnicodeDecodeError): read the record without them."""
+    cause = e if isinstance(e, UnicodeDecodeError) else e.__cause__ or e.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return UnreadableHeaders(f"header name {cause.object[:64]!r} is not UTF-8: the Kafka client cannot read "
+                                 "this record's headers")
+    return UnreadableHeaders(f"the Kafka client cannot read this record's headers: {e}")
 
 
 class KafkaSource:
@@ -153,11 +181,9 @@ class KafkaSource:
                 self._warn_rate_limited(err)
                 continue
             ts_type, ts = m.timestamp()
-            # topic/partition/offset are set on every fetched message; consumed messages carry
-            # headers as a list of (str, bytes | None) pairs, or None.
-            headers: Any = m.headers()
+            # topic/partition/offset are set on every fetched message.
             append(_new_record(SourceRecord, (m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                                              tuple(headers) if headers else (), ts if ts_type else None)))
+                                              read_headers(m), ts if ts_type else None)))
         if msgs:  # a fetch answered; an assignment alone says nothing about the broker now
             self.broker_up = True
         return out

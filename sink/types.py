@@ -8,6 +8,19 @@ from typing import NamedTuple
 Headers = tuple[tuple[str, bytes | None], ...]
 
 
+class UnreadableHeaders(tuple[tuple[str, bytes | None], ...]):
+    """A record's headers that the Kafka client could not read: a header name that is not UTF-8
+    (Kafka's are bytes on the wire) makes confluent-kafka fail on all of them.  Empty, so the
+    sink reads the record without them; a DLQ record says so (with `reason`) in their place."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> UnreadableHeaders:
+        self = super().__new__(cls, ())
+        self.reason = reason
+        return self
+
+
 class SourceRecord(NamedTuple):
     """One Kafka record as consumed, detached from librdkafka's Message.
 
