@@ -16,6 +16,9 @@ The fast path only *accepts* what it converts exactly as the model does (tests/t
 compares both on generated records); anything unusual (a NUL escape, a number in a text field
 other than ``pin``, a date without a time, every invalid record) returns None and goes to the
 model, so rejections and their messages are the model's, unchanged.
+
+Neither raises: an exception no rule expected becomes the record's rejection
+(sink.errors.record_fault), so no record's content can stop the sink.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Annotated, Any, NotRequired
 from pydantic import ConfigDict, Field, Json, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
+from sink.errors import record_fault
 from sink.model import (
     COLUMNS,
     NULL_TAKES_DEFAULT,
@@ -149,9 +153,12 @@ def _finish(value: bytes, d: dict[str, Any]) -> Row | None:
 
 def decode(record: SourceRecord) -> Row | Rejection:
     """Validate one record: the fast path, else the model (pydantic's Rust JSON parser either way)."""
-    value = record.value
-    row = fast_row(value) if value else None
-    return row if row is not None else _by_model(record)
+    try:
+        value = record.value
+        row = fast_row(value) if value else None
+        return row if row is not None else _by_model(record)
+    except Exception as e:
+        return record_fault(record, "decode", e)
 
 
 def _by_model(record: SourceRecord) -> Row | Rejection:
@@ -170,26 +177,21 @@ def decode_many(records: Sequence[SourceRecord]) -> list[Row | Rejection]:
     whole list (~0.5 µs per record less than a call per record: docs/performance.md)."""
     if _validate_wires is None:
         return [decode(rec) for rec in records]
+    try:
+        parsed = _validate_wires([rec.value for rec in records])
+    except Exception:  # one record broke the whole list's parse: each on its own, so only it fails
+        return [decode(rec) for rec in records]
     out: list[Row | Rejection] = []
     append = out.append
-    for rec, d in zip(records, _validate_wires([rec.value for rec in records]), strict=True):
-        # A dict passed _Wire; anything else (empty, or not _Wire's) is the input itself, handed
-        # back, and goes straight to the model: parsing it as _Wire again would fail again.
-        row = _finish(rec.value, d) if type(d) is dict else None  # type: ignore[arg-type]  # bytes: it parsed
-        append(row if row is not None else _by_model(rec))
+    for rec, d in zip(records, parsed, strict=True):
+        try:
+            # A dict passed _Wire; anything else (empty, or not _Wire's) is the input itself, handed
+            # back, and goes straight to the model: parsing it as _Wire again would fail again.
+            row = _finish(rec.value, d) if type(d) is dict else None  # type: ignore[arg-type]  # bytes: it parsed
+            append(row if row is not None else _by_model(rec))
+        except Exception as e:
+            append(record_fault(rec, "decode", e))
     return out
-
-
-def decode_all(records: Sequence[SourceRecord]) -> tuple[list[tuple[SourceRecord, Row]], list[Rejection]]:
-    """Split records into (record, row) pairs and rejections, keeping input order."""
-    good: list[tuple[SourceRecord, Row]] = []
-    bad: list[Rejection] = []
-    for rec, out in zip(records, decode_many(records), strict=True):
-        if isinstance(out, Rejection):
-            bad.append(out)
-        else:
-            good.append((rec, out))
-    return good, bad
 
 
 def _explain(record: SourceRecord, value: bytes, err: ValidationError) -> Rejection:
@@ -199,7 +201,7 @@ def _explain(record: SourceRecord, value: bytes, err: ValidationError) -> Reject
     except UnicodeDecodeError as e:
         return Rejection(record, "decode", "InvalidUtf8", f"value is not UTF-8: {e.reason} at byte {e.start}")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_int=_json_int)
     except json.JSONDecodeError as e:
         return Rejection(record, "decode", "InvalidJson", f"value is not JSON: {e.msg} at {e.lineno}:{e.colno}")
     except RecursionError:
@@ -207,6 +209,12 @@ def _explain(record: SourceRecord, value: bytes, err: ValidationError) -> Reject
     if not isinstance(obj, dict):
         return Rejection(record, "decode", "NotAnObject", f"value is JSON {type(obj).__name__}, not an object")
     return Rejection(record, "validate", "ValidationError", format_validation_error(err))
+
+
+def _json_int(digits: str) -> int | float:
+    # Python's int() refuses over 4,300 digits (ValueError, not a JSONDecodeError); only the
+    # record's shape matters here, and pydantic has already said what is wrong with the number.
+    return int(digits) if len(digits) <= 4300 else float(digits)
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -7,7 +7,11 @@
   violation).  Isolate the row, DLQ it with the database's message, commit past it.
 * FatalError: configuration, authentication, missing objects, privileges, or a tripped DLQ
   breaker.  Exit non-zero with a clear message; the supervisor restarts us.
-Anything else is a bug and propagates unchanged.
+Anything else is a bug and propagates unchanged, with one exception, drawn here in
+record_fault: an unexpected exception raised while handling one record's content (decoding,
+validating, building its DLQ envelope) is that record's fault, not the sink's.  The record goes
+to the DLQ with the exception's name and message, an ``error`` line carries the traceback, and
+the sink goes on; the same code works for every other record.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from typing import Any
 
 import psycopg
 from tenacity import RetryCallState
+
+from sink.logs import get_logger
+from sink.types import Rejection, SourceRecord
+
+log = get_logger("sink.errors")
 
 
 class SinkError(Exception):
@@ -39,6 +48,20 @@ class PoisonError(SinkError):
 
 class FatalError(SinkError):
     """Stop the service; the message is shown to the operator as is."""
+
+
+
+
+def record_fault(record: SourceRecord, stage: str, exc: Exception) -> Rejection:
+    """The rejection for a record whose content made `stage` raise `exc` unexpectedly, with an
+    ``error`` log line carrying the traceback.  Re-raises MemoryError: the process is in
+    trouble, whichever record it was handling."""
+    if isinstance(exc, MemoryError):
+        raise exc
+    name = type(exc).__name__
+    log.error("record_fault", topic=record.topic, partition=record.partition, offset=record.offset,
+              stage=stage, error_class=name, reason=str(exc)[:1000], exc_info=exc)
+    return Rejection(record, stage, f"Unexpected{name}", f"{name} while handling the record ({stage}): {exc}")
 
 
 # SQLSTATE classes (first two characters) -> kind.  See PostgreSQL's errcodes appendix.

@@ -45,6 +45,8 @@ EVENTS: dict[str, str] = {
     "batch_written": "a batch committed to the database (rows, inserted, duplicates, offsets)",
     "batch_committed": "offsets of a batch committed to Kafka, after rows and DLQ records",
     "record_rejected": "a record failed decode/validate/write; it goes to the DLQ",
+    "record_fault": "handling a record raised an exception no rule expected (error, with the traceback); "
+                    "the record goes to the DLQ as `Unexpected<exception>` and the sink goes on",
     "dlq_published": "DLQ records of a batch acknowledged by the broker (KAFKA_TRANSACTIONAL=false; debug)",
     "dlq_record_too_large": "a DLQ record went without its value (or key): too large for the DLQ topic; "
                             "the original stays at its origin offset",

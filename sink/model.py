@@ -10,7 +10,8 @@ Rules (documented in the README, tested in tests/test_model.py):
   NaN and +/-Infinity are rejected (to the DLQ): they are sensor faults, and one NaN turns
   every ``avg()`` over it into NaN.
 * Strings fit their VARCHAR column (length in characters, as PostgreSQL counts), contain no
-  NUL character and are valid Unicode.  Numbers are accepted for string fields (``pin: 3``).
+  NUL character and are valid Unicode.  Numbers are accepted for string fields (``pin: 3``),
+  finite ones only.
   An explicit null in a field with a default takes the default (``pin_position`` is part of
   the primary key, so it cannot be NULL).
 """
@@ -141,6 +142,8 @@ def _clean_text(v: str) -> str:
 
 
 def _number_to_text(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):  # NaN, 1e400: a fault, not a device called "nan"
+        raise ValueError("must be text or a finite number (NaN and Infinity are rejected)")
     if isinstance(v, int | float) and not isinstance(v, bool):
         return str(v)
     return v

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sink.decode import decode, decode_all, decode_many
+from sink.decode import decode, decode_many
 from sink.demo import INVALID
 from sink.demo import records as demo_records
 from sink.model import COLUMNS
@@ -111,13 +111,6 @@ def test_rejection_carries_the_original_record() -> None:
 def test_integer_timestamp_too_large_for_a_double_is_rejected_not_raised() -> None:
     rej = rejection(b'{"mac_address": "a", "timestamp": 1' + b"0" * 400 + b"}")
     assert (rej.stage, rej.error_class) == ("validate", "ValidationError")
-
-
-def test_decode_all_splits_rows_and_rejections_keeping_order() -> None:
-    recs = [record(encode(GOOD), 1), record(b"", 2), record(encode({**GOOD, "pin": 9}), 3), record(b"[]", 4)]
-    good, bad = decode_all(recs)
-    assert [(r.offset, row[4]) for r, row in good] == [(1, "4"), (3, "9")]
-    assert [(j.record.offset, j.error_class) for j in bad] == [(2, "EmptyValue"), (4, "NotAnObject")]
 
 
 @given(st.binary(max_size=200))

@@ -498,3 +498,27 @@ def test_a_revoke_does_not_call_a_batch_whose_write_just_ended_discarded() -> No
         source.revoke([(TOPIC, 1)])
     (discarded,) = [e for e in logs if e["event"] == "batch_discarded"]
     assert discarded["offsets"] == {"1": [10, 14]}  # not 0..9: that write went in
+
+
+def test_a_record_that_makes_decoding_raise_goes_to_dlq_and_the_loop_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sink.decode
+
+    real = sink.decode.to_utc
+
+    def broken(v: Any) -> Any:  # a decoder step that trips over one particular record
+        if v.year == 2001:
+            raise AttributeError("not expected")
+        return real(v)
+
+    monkeypatch.setattr(sink.decode, "to_utc", broken)
+    odd = json.dumps({"mac_address": "a", "timestamp": "2001-01-01T00:00:00Z"}).encode()
+    records = [rec(2, 0, good(0)), rec(2, 1, odd), rec(2, 2, good(2))]
+    p, _, writer, committer, _, _ = make(records)
+    with capture_logs() as logs:
+        run_until(p, lambda: bool(committer.offsets))
+    assert len(writer.rows) == 2
+    assert [d.value for d in committer.dlq] == [odd]
+    info = parse_headers(committer.dlq[0].headers)
+    assert (info.stage, info.error_class, info.offset) == ("decode", "UnexpectedAttributeError", 1)
+    assert committer.offsets == {(TOPIC, 2): 3}
+    assert [e["log_level"] for e in logs if e["event"] == "record_fault"] == ["error"]
