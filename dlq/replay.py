@@ -313,7 +313,8 @@ class Replayer:
                 out.append((self.opts.to_topic, DlqRecord(rec.key, rec.value, original_headers(rec.headers))))
             elif item.fate is Fate.FAILED_AGAIN and to_dlq:
                 assert item.rejection is not None
-                out.append((self.opts.dlq_topic, fit_record(to_dlq_record(item.rejection), self.opts.dlq_max_bytes)))
+                again = to_dlq_record(item.rejection, replayed=True)
+                out.append((self.opts.dlq_topic, fit_record(again, self.opts.dlq_max_bytes)))
         return out
 
     def _commit_ends(self) -> None:

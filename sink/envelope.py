@@ -3,6 +3,11 @@
 Header names follow Kafka Connect's DLQ (`__connect.errors.*`) so existing tools read them;
 `__sink.*` headers add what Connect's do not say.  A record re-DLQ'd by replay keeps the
 original origin (topic/partition/offset of the input record) and counts its attempts.
+
+The input record's own headers come first, all of them and unchanged (even ones named like
+ours: a producer may send anything), then ours; H_OWN says how many are the record's, so
+neither a reader of ours nor replay can mistake one for the other.  Ours come last, where
+Kafka's ``Headers.lastHeader`` finds them.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sink import __version__
-from sink.types import Headers, Rejection
+from sink.errors import record_fault
+from sink.types import Headers, Rejection, UnreadableHeaders
 
 H_TOPIC = "__connect.errors.topic"
 H_PARTITION = "__connect.errors.partition"
@@ -29,6 +35,10 @@ H_VERSION = "__sink.version"
 # original still is (until the input topic's retention deletes it).
 H_DROPPED = "__sink.errors.dropped"
 H_ORIG_BYTES = "__sink.errors.original_bytes"
+H_OWN = "__sink.errors.own_headers"  # how many of the first headers are the input record's own
+# Set when the Kafka client could not read the input record's headers (a name that is not
+# UTF-8): they are not in the DLQ record; the origin headers say where the original is.
+H_UNREADABLE = "__sink.errors.headers_unreadable"
 
 _OURS = ("__connect.errors.", "__sink.")
 MAX_MESSAGE_BYTES = 4096  # keep headers small; the full reason is in the log too
@@ -66,19 +76,43 @@ class DlqInfo:
     dropped: str | None = None  # what fit_record left out ("value", "value,key,headers")
 
 
-def to_dlq_record(rej: Rejection, now: datetime | None = None) -> DlqRecord:
-    """Envelope a rejection.  If the record came from the DLQ itself, keep its origin."""
+def to_dlq_record(rej: Rejection, now: datetime | None = None, *, replayed: bool = False) -> DlqRecord:
+    """Envelope a rejection.  `replayed`: the record was read from the DLQ (by replay), so its
+    origin and attempt are in our headers; otherwise its origin is where it was consumed, and
+    any header of its own that looks like ours is just one of its headers."""
+    try:
+        return _envelope(rej, (now or datetime.now(UTC)).astimezone(UTC), replayed)
+    except Exception as e:  # the record's content broke the envelope: keep what is certain
+        return _bare(rej, record_fault(rej.record, "envelope", e))
+
+
+def _envelope(rej: Rejection, when: datetime, replayed: bool) -> DlqRecord:
     rec = rej.record
-    prior = parse_headers(rec.headers) if _has_origin(rec.headers) else None
-    passthrough = tuple((k, v) for k, v in rec.headers if not k.startswith(_OURS))
-    when = (now or datetime.now(UTC)).astimezone(UTC)
+    own, prior_headers = split_headers(rec.headers) if replayed else (rec.headers, ())
+    prior = parse_headers(rec.headers) if prior_headers else None
     if prior is not None:
         topic, partition, offset = prior.topic or rec.topic, prior.partition, prior.offset
         orig_ts, attempt = prior.original_timestamp_ms, prior.attempt + 1
     else:
         topic, partition, offset = rec.topic, rec.partition, rec.offset
         orig_ts, attempt = rec.timestamp_ms, 1
-    ours: list[tuple[str, bytes | None]] = [
+    ours = _failure_headers(rej, topic, partition, offset, when, attempt)
+    if orig_ts is not None:
+        ours.append((H_ORIG_TS, str(orig_ts).encode()))
+    if rej.sqlstate:
+        ours.append((H_SQLSTATE, rej.sqlstate.encode()))
+    if isinstance(rec.headers, UnreadableHeaders):
+        ours.append((H_UNREADABLE, _truncate(rec.headers.reason)))
+    if prior is not None:
+        # Said again, or the next reader cannot tell: replayed without the value or the
+        # headers it had.
+        ours.extend((k, v) for k, v in prior_headers if k in (H_DROPPED, H_ORIG_BYTES, H_UNREADABLE))
+    return DlqRecord(rec.key, rec.value, (*own, *ours, (H_OWN, str(len(own)).encode())))
+
+
+def _failure_headers(rej: Rejection, topic: str, partition: int | None, offset: int | None, when: datetime,
+                     attempt: int) -> list[tuple[str, bytes | None]]:
+    return [
         (H_TOPIC, topic.encode()),
         (H_PARTITION, str(partition).encode()),
         (H_OFFSET, str(offset).encode()),
@@ -89,20 +123,20 @@ def to_dlq_record(rej: Rejection, now: datetime | None = None) -> DlqRecord:
         (H_ATTEMPT, str(attempt).encode()),
         (H_VERSION, __version__.encode()),
     ]
-    if orig_ts is not None:
-        ours.append((H_ORIG_TS, str(orig_ts).encode()))
-    if rej.sqlstate:
-        ours.append((H_SQLSTATE, rej.sqlstate.encode()))
-    if prior is not None and prior.dropped is not None:
-        # Replayed without the value it had: say so again, or the next reader cannot tell.
-        ours.extend((k, v) for k, v in rec.headers if k in (H_DROPPED, H_ORIG_BYTES))
-    return DlqRecord(rec.key, rec.value, passthrough + tuple(ours))
+
+
+def _bare(rej: Rejection, fault: Rejection) -> DlqRecord:
+    """The DLQ record of a record whose envelope failed: its key and value, where it was consumed,
+    and the fault; its own headers are left out (the original still has them)."""
+    rec = rej.record
+    ours = _failure_headers(fault, rec.topic, rec.partition, rec.offset, datetime.now(UTC), 1)
+    return DlqRecord(rec.key, rec.value, (*ours, (H_UNREADABLE, b"left out: the envelope failed"), (H_OWN, b"0")))
 
 
 def record_bytes(rec: DlqRecord) -> int:
     """An upper bound of the record's size as librdkafka and the broker count it (uncompressed)."""
     return (RECORD_OVERHEAD + len(rec.key or b"") + len(rec.value or b"")
-            + sum(HEADER_OVERHEAD + len(k.encode()) + len(v or b"") for k, v in rec.headers))
+            + sum(HEADER_OVERHEAD + len(k.encode(errors="surrogatepass")) + len(v or b"") for k, v in rec.headers))
 
 
 def fit_record(rec: DlqRecord, max_bytes: int) -> DlqRecord:
@@ -120,8 +154,8 @@ def fit_record(rec: DlqRecord, max_bytes: int) -> DlqRecord:
     out = DlqRecord(rec.key, None, (*rec.headers, (H_DROPPED, b"value"), *note))
     if record_bytes(out) <= max_bytes:
         return out
-    ours = tuple((k, v) for k, v in rec.headers if k.startswith(_OURS))
-    return DlqRecord(None, None, (*ours, (H_DROPPED, b"value,key,headers"), *note))
+    ours = tuple(h for h in split_headers(rec.headers)[1] if h[0] != H_OWN)
+    return DlqRecord(None, None, (*ours, (H_DROPPED, b"value,key,headers"), *note, (H_OWN, b"0")))
 
 
 def _truncate(text: str) -> bytes:
@@ -131,19 +165,33 @@ def _truncate(text: str) -> bytes:
     return data[: MAX_MESSAGE_BYTES - 3].decode("utf-8", errors="ignore").encode() + b"..."
 
 
-def _has_origin(headers: Headers) -> bool:
-    return any(k == H_TOPIC for k, _ in headers)
+def split_headers(headers: Headers | list[tuple[str, bytes | None]] | None) -> tuple[Headers, Headers]:
+    """A DLQ record's headers as (the input record's own, ours).  The last H_OWN says how many
+    are its own; DLQ records without one (older versions) kept none named like ours."""
+    hs = tuple(headers or ())
+    for k, v in reversed(hs):
+        if k == H_OWN:
+            try:
+                n = int(v or b"")
+            except ValueError:
+                break
+            if 0 <= n <= len(hs):
+                return hs[:n], hs[n:]
+            break
+    return (tuple((k, v) for k, v in hs if not k.startswith(_OURS)),
+            tuple((k, v) for k, v in hs if k.startswith(_OURS)))
 
 
 def original_headers(headers: Headers) -> Headers:
     """The input record's own headers, without ours (what replay re-publishes)."""
-    return tuple((k, v) for k, v in headers if not k.startswith(_OURS))
+    return split_headers(headers)[0]
 
 
 def parse_headers(headers: Headers | list[tuple[str, bytes | None]] | None) -> DlqInfo:
-    """Read our headers back; missing or malformed ones become None."""
+    """Read our headers back (the record's own are not looked at); missing or malformed ones
+    become None; where a name repeats, the last one counts."""
     h: dict[str, str] = {}
-    for k, v in headers or ():
+    for k, v in split_headers(headers)[1]:
         if k.startswith(_OURS) and v is not None:
             h[k] = v.decode("utf-8", errors="replace")
 

@@ -19,7 +19,8 @@ def dlq(offset: int, error_class: str, stage: str, *, origin_partition: int = 0,
     env = to_dlq_record(Rejection(src, stage, error_class, f"{error_class} happened"), now=when)
     if retried:  # the same origin failing again in a replay
         back = SourceRecord("in.dlq", 0, 99, env.key, env.value, env.headers)
-        env = to_dlq_record(Rejection(back, stage, error_class, "again"), now=T0 + timedelta(minutes=minutes + 1))
+        env = to_dlq_record(Rejection(back, stage, error_class, "again"), now=T0 + timedelta(minutes=minutes + 1),
+                            replayed=True)
     return SourceRecord("in.dlq", offset % 2, offset, env.key, env.value, env.headers, 1)
 
 

@@ -14,6 +14,8 @@ from sink import __version__
 from sink.envelope import (
     H_DROPPED,
     H_ORIG_BYTES,
+    H_OWN,
+    H_UNREADABLE,
     MAX_MESSAGE_BYTES,
     DlqRecord,
     fit_record,
@@ -22,7 +24,7 @@ from sink.envelope import (
     record_bytes,
     to_dlq_record,
 )
-from sink.types import Headers, Rejection, SourceRecord
+from sink.types import Headers, Rejection, SourceRecord, UnreadableHeaders
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 # The names Kafka Connect's DLQ reporter uses (ErrorReporter / DeadLetterQueueReporter).
@@ -138,7 +140,7 @@ def test_re_dlq_keeps_the_origin_and_counts_the_attempt() -> None:
     replayed = SourceRecord("decoded_iot_data.dlq", 0, 7, first.key, first.value, first.headers, 1_800_000_000_000)
     later = NOW + timedelta(hours=1)
     second = to_dlq_record(rejection(replayed, stage="write", error_class="CheckViolation", message="check",
-                                     sqlstate="23514"), now=later)
+                                     sqlstate="23514"), now=later, replayed=True)
     info = parse_headers(second.headers)
     assert (info.topic, info.partition, info.offset) == ("decoded_iot_data", 2, 41)
     assert info.original_timestamp_ms == 1_700_000_000_000
@@ -150,7 +152,8 @@ def test_re_dlq_keeps_the_origin_and_counts_the_attempt() -> None:
 def test_re_dlq_does_not_repeat_failure_headers_and_keeps_the_input_headers() -> None:
     rec = source()
     first = to_dlq_record(rejection(rec), now=NOW)
-    second = to_dlq_record(rejection(SourceRecord("x.dlq", 0, 0, first.key, first.value, first.headers)), now=NOW)
+    second = to_dlq_record(rejection(SourceRecord("x.dlq", 0, 0, first.key, first.value, first.headers)), now=NOW,
+                           replayed=True)
     ours = [k for k, _ in second.headers if k.startswith("__")]
     assert sorted(ours) == sorted(k for k, _ in first.headers if k.startswith("__"))
     assert len(ours) == len(set(ours))
@@ -160,7 +163,8 @@ def test_re_dlq_does_not_repeat_failure_headers_and_keeps_the_input_headers() ->
 def test_third_failure_is_attempt_three() -> None:
     out = to_dlq_record(rejection(), now=NOW)
     for _ in range(2):
-        out = to_dlq_record(rejection(SourceRecord("in.dlq", 0, 0, out.key, out.value, out.headers)), now=NOW)
+        out = to_dlq_record(rejection(SourceRecord("in.dlq", 0, 0, out.key, out.value, out.headers)), now=NOW,
+                            replayed=True)
     assert parse_headers(out.headers).attempt == 3
 
 
@@ -183,7 +187,9 @@ def test_parse_tolerates_malformed_numbers_and_dates() -> None:
     assert info.message == "\N{REPLACEMENT CHARACTER}"
 
 
-header_names = st.text(min_size=1, max_size=20).filter(lambda k: not k.startswith(("__connect.errors.", "__sink.")))
+# A producer may send any header, ours among them: the record's own are kept, never read as ours.
+header_names = st.text(min_size=1, max_size=20) | st.sampled_from(
+    [*CONNECT_HEADERS.values(), "__sink.errors.attempt", "__sink.errors.own_headers", "__sink.errors.dropped"])
 
 
 @given(
@@ -239,8 +245,8 @@ def test_key_and_input_headers_go_too_when_the_value_alone_is_not_enough() -> No
     out = fit_record(rec, 2000)
     assert (out.key, out.value) == (None, None)
     assert original_headers(out.headers) == ()
-    assert [h for h in out.headers if h[0] not in (H_DROPPED, H_ORIG_BYTES)] == list(
-        h for h in rec.headers if h[0].startswith("__"))
+    assert [h for h in out.headers if h[0] not in (H_DROPPED, H_ORIG_BYTES, H_OWN)] == list(
+        h for h in rec.headers if h[0].startswith("__") and h[0] != H_OWN)
     assert parse_headers(out.headers).dropped == "value,key,headers"
     assert record_bytes(out) <= 2000
 
@@ -259,7 +265,7 @@ def test_fit_record_is_within_the_limit_and_changes_only_what_does_not_fit(
 def test_replaying_a_record_without_its_value_keeps_saying_so() -> None:
     dropped = fit_record(to_dlq_record(rejection(source(value=b"x" * 5000)), now=NOW), 2000)
     replayed = SourceRecord("decoded_iot_data.dlq", 0, 3, dropped.key, dropped.value, dropped.headers)
-    again = to_dlq_record(rejection(replayed, error_class="EmptyValue", message="empty"), now=NOW)
+    again = to_dlq_record(rejection(replayed, error_class="EmptyValue", message="empty"), now=NOW, replayed=True)
     headers = [k for k, _ in again.headers]
     assert headers.count(H_DROPPED) == 1 and headers.count(H_ORIG_BYTES) == 1
     assert parse_headers(again.headers).dropped == "value"
@@ -271,3 +277,55 @@ def test_a_refused_limit_is_halved_down_to_a_floor() -> None:
 
     assert lower_limit(1_048_588) == 524_294
     assert lower_limit(1500) == lower_limit(1024) == 1024
+
+
+def test_a_records_own_failure_headers_are_kept_and_never_taken_for_its_origin() -> None:
+    own: Headers = (("__connect.errors.topic", b"t"), ("__sink.errors.attempt", b"7"), ("app", b"x"),
+                    (H_OWN, b"0"))
+    rec = source(headers=own, value=b"x")
+    out = to_dlq_record(rejection(rec), now=NOW)
+    info = parse_headers(out.headers)
+    assert (info.topic, info.partition, info.offset, info.attempt) == ("decoded_iot_data", 2, 41, 1)
+    assert info.original_timestamp_ms == 1_700_000_000_000
+    assert original_headers(out.headers) == own
+    assert out.headers[: len(own)] == own  # first and unchanged; ours follow
+
+
+def test_replay_restores_a_records_own_failure_headers_exactly() -> None:
+    own: Headers = (("__connect.errors.offset", b"5"), ("trace", b"t"))
+    first = to_dlq_record(rejection(source(headers=own)), now=NOW)
+    back = SourceRecord("decoded_iot_data.dlq", 0, 9, first.key, first.value, first.headers)
+    second = to_dlq_record(rejection(back, error_class="EmptyValue"), now=NOW, replayed=True)
+    assert original_headers(second.headers) == own
+    info = parse_headers(second.headers)
+    assert (info.offset, info.attempt, info.error_class) == (41, 2, "EmptyValue")
+
+
+def test_too_large_for_the_dlq_keeps_the_true_origin_with_hostile_headers() -> None:
+    rec = source(headers=(("__connect.errors.offset", b"nope"), ("big", b"h" * 3000)), value=b"v" * 3000)
+    out = fit_record(to_dlq_record(rejection(rec), now=NOW), 2000)
+    info = parse_headers(out.headers)
+    assert (info.topic, info.partition, info.offset, info.dropped) == ("decoded_iot_data", 2, 41, "value,key,headers")
+    assert original_headers(out.headers) == ()
+
+
+def test_unreadable_headers_are_said_in_the_dlq_record() -> None:
+    rec = source(headers=UnreadableHeaders("header name b'\\xff' is not UTF-8"), value=None)
+    out = to_dlq_record(rejection(rec, error_class="EmptyValue"), now=NOW)
+    assert as_dict(out.headers)[H_UNREADABLE] == b"header name b'\\xff' is not UTF-8"
+    assert original_headers(out.headers) == ()
+    assert parse_headers(out.headers).offset == 41
+
+
+def test_a_record_that_breaks_the_envelope_still_goes_to_the_dlq_with_its_origin(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def hostile(*args: object) -> DlqRecord:  # stands in for content the envelope does not expect
+        raise ValueError("boom")
+
+    monkeypatch.setattr("sink.envelope._envelope", hostile)
+    rec = source()
+    out = to_dlq_record(rejection(rec), now=NOW)
+    info = parse_headers(out.headers)
+    assert (out.key, out.value) == (rec.key, rec.value)
+    assert (info.offset, info.stage, info.error_class) == (41, "envelope", "UnexpectedValueError")
+    assert "boom" in (info.message or "")
