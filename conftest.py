@@ -36,13 +36,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def infra() -> Iterator[None]:
-    """Start (or reuse) the local broker and database; missing ones fail the run, never skip."""
+    """Start (or reuse) the local broker and database; missing ones fail the run, never skip.
+    The session works in a fresh database of its own, dropped at the end, pass or fail."""
     try:
         services.start_kafka()
         services.start_postgres()
+        database = testkit.open_suite_database()
     except services.ServiceError as e:
         pytest.fail(f"local Kafka/PostgreSQL could not be started (CI={os.environ.get('CI')}): {e}")
-    yield
+    try:
+        yield
+    finally:
+        services.start_postgres()  # a no-op when running; a chaos test may have left it down
+        testkit.close_suite_database(database)
 
 
 @pytest.fixture

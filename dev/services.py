@@ -62,7 +62,7 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -197,7 +197,7 @@ def kafka_pid() -> int | None:
         pid = int(KAFKA.pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def kafka_running() -> bool:
@@ -315,7 +315,7 @@ def _wait_gone(pid: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
@@ -484,12 +484,12 @@ def _ensure_role_and_db(bindir: Path) -> None:
         _psql_admin(bindir, f"CREATE DATABASE {_quote_ident(PG_DB)} OWNER {_quote_ident(PG_USER)}")
 
 
-def psql_admin(sql: str, db: str = PG_DB) -> str:
+def psql_admin(sql: str, db: str | None = None) -> str:
     """Run SQL as the cluster superuser (tests use it for pg_terminate_backend and such)."""
     bindir = _pg_bindir()
     if bindir is None:
         raise ServiceError("PostgreSQL is not installed")
-    return _psql_admin(bindir, sql, db)
+    return _psql_admin(bindir, sql, db or PG_DB)
 
 
 def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
@@ -509,8 +509,9 @@ def _stop_postgres(mode: str, timeout: float) -> None:
     log(f"{PG_FLAVOR} stopped ({mode})")
 
 
-def conninfo(user: str = PG_USER, password: str = PG_PASSWORD, db: str = PG_DB) -> str:
-    return f"host=127.0.0.1 port={PG_PORT} dbname={db} user={user} password={password}"
+def conninfo(user: str = PG_USER, password: str = PG_PASSWORD, db: str | None = None) -> str:
+    # PG_DB read at call time: the test suite points it at a database of its own.
+    return f"host=127.0.0.1 port={PG_PORT} dbname={db or PG_DB} user={user} password={password}"
 
 
 def service_env() -> dict[str, str]:
