@@ -12,6 +12,17 @@ import pytest
 from dev import services, testkit
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest stops truncating assertion explanations when CI is set: a failing comparison of two
+    # large results then spends minutes in difflib and megabytes of log, and a failing CI run
+    # looks like a hung one.  Truncate under CI too (limits in pyproject.toml); -vv shows all.
+    # A private name: tests/test_assertion_output.py fails if a pytest upgrade moves it.
+    from _pytest.assertion import truncate
+
+    truncate.running_on_ci = lambda: False
+
+
 def pytest_report_header() -> str:
     where = "TimescaleDB (local build)" if services.TIMESCALEDB else "plain PostgreSQL"
     return f"database server: {where} on 127.0.0.1:{services.PG_PORT}"
@@ -36,13 +47,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def infra() -> Iterator[None]:
-    """Start (or reuse) the local broker and database; missing ones fail the run, never skip."""
+    """Start (or reuse) the local broker and database; missing ones fail the run, never skip.
+    The session works in a fresh database of its own, dropped at the end, pass or fail."""
     try:
         services.start_kafka()
         services.start_postgres()
+        database = testkit.open_suite_database()
     except services.ServiceError as e:
         pytest.fail(f"local Kafka/PostgreSQL could not be started (CI={os.environ.get('CI')}): {e}")
-    yield
+    try:
+        yield
+    finally:
+        services.start_postgres()  # a no-op when running; a chaos test may have left it down
+        testkit.close_suite_database(database)
 
 
 @pytest.fixture

@@ -47,9 +47,9 @@ class Timed:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def fresh_table(template_schema: str) -> str:
+def fresh_table(template_schema: str, schema: str) -> str:
     """A new schema holding an empty copy of the template's iot_measurements."""
-    schema = testkit.create_schema(testkit.unique_name("bench_ref"))
+    testkit.create_schema(schema)
     with testkit.connect() as conn:
         conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
             sql.Identifier(schema, TABLE), sql.Identifier(template_schema, TABLE)))

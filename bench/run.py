@@ -32,13 +32,13 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def template_schema() -> str:
+def template_schema(schema: str) -> str:
     """A schema whose iot_measurements was made by the sink's own migrations (copied per run)."""
     from sink.logs import configure_logging
     from sink.migrations import migrate
 
     configure_logging("json", "ERROR", stream=sys.stderr)
-    schema = testkit.create_schema(testkit.unique_name("bench_tpl"))
+    testkit.create_schema(schema)
     env = {k.lower(): v for k, v in services.service_env().items() if k.startswith("TIMESCALE_")}
     migrate(Settings(**env, timescale_schema=schema))  # type: ignore[arg-type]  # str values, coerced
     return schema
@@ -77,25 +77,32 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
     Variants take turns within a run, so that the machine's changing load hits them alike."""
     data: Dataset = make_dataset(count, duplicate_share=duplicate_share)
     _log(f"dataset: {data.describe()}")
-    topic = testkit.create_topic(testkit.unique_name("bench"), partitions=PARTITIONS)
-    created_topics, created_schemas = [topic], []
+    topic = testkit.unique_name("bench")
+    created_topics: list[str] = [topic]
+    created_schemas: list[str] = []
+
+    def new_schema(prefix: str) -> str:
+        # Named for the cleanup before it exists: a run that fails half-way leaves nothing behind.
+        created_schemas.append(testkit.unique_name(prefix))
+        return created_schemas[-1]
+
     batch_size = int(variants[0].overrides.get("BATCH_SIZE", Settings.model_fields["batch_size"].default))
     runs: list[dict[str, Any]] = []
     try:
+        testkit.create_topic(topic, partitions=PARTITIONS)
         t0 = time.monotonic()
         preload(topic, data.values)
         ends = testkit.end_offsets(topic)
         _log(f"pre-loaded {topic}: {ends} in {time.monotonic() - t0:.1f}s")
-        template = template_schema()
-        created_schemas.append(template)
+        template = template_schema(new_schema("bench_tpl"))
         for i in range(repeat):
             run: dict[str, Any] = {"sinks": {}, "verdicts": {}}
             for k, v in enumerate(variants):
                 n = i * len(variants) + k
-                schema = testkit.create_schema(testkit.unique_name("bench_sink"))
-                created_schemas.append(schema)
-                dlq = testkit.create_topic(f"{topic}.dlq{n}", partitions=PARTITIONS)
+                schema = testkit.create_schema(new_schema("bench_sink"))
+                dlq = f"{topic}.dlq{n}"
                 created_topics.append(dlq)
+                testkit.create_topic(dlq, partitions=PARTITIONS)
                 group = testkit.unique_name("bench")
                 spy_out = _numbered(pyspy, n) if pyspy else None
                 d = drain(topic=topic, ends=ends, schema=schema, group=group, dlq_topic=dlq,
@@ -116,16 +123,16 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
                 if not keep:
                     testkit.drop_schema(schema)
             if references:
-                ref_schema = fresh_table(template)
+                ref_schema = fresh_table(template, new_schema("bench_ref"))
                 run["ceiling"] = timed_figures(ceiling(ref_schema, data.distinct_rows, count, batch_size))
                 testkit.drop_schema(ref_schema)
-                ref_schema = fresh_table(template)
+                ref_schema = fresh_table(template, new_schema("bench_ref"))
                 run["reference"] = timed_figures(reference(ref_schema, data.values))
                 testkit.drop_schema(ref_schema)
                 _log(f"run {i + 1}/{repeat} ceiling: {run['ceiling']['records_per_s']:,} records/s, "
                      f"reference: {run['reference']['records_per_s']:,} records/s")
             if psycopg2_reference:
-                ref_schema = fresh_table(template)
+                ref_schema = fresh_table(template, new_schema("bench_ref"))
                 run["reference_psycopg2"] = timed_figures(reference_psycopg2(ref_schema, data.values))
                 testkit.drop_schema(ref_schema)
                 _log(f"run {i + 1}/{repeat} reference, psycopg 2 execute_batch: "

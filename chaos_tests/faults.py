@@ -132,7 +132,8 @@ def terminate_sink_backends(busy_only: bool = True) -> int:
     backends, no superuser needed); busy_only: only those inside a statement or transaction."""
     state = "AND state IN ('active', 'idle in transaction')" if busy_only else ""
     with testkit.connect() as conn:
+        # This session's database only: a test session beside this one has its own sinks.
         rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE application_name = %s AND pid <> pg_backend_pid() {state}", [APPLICATION_NAME]).fetchall()
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
+            f"AND datname = current_database() AND pid <> pg_backend_pid() {state}", [APPLICATION_NAME]).fetchall()
     return sum(1 for (ok,) in rows if ok)

@@ -4,11 +4,15 @@ Standard library only: this runs before the project's virtualenv exists.
 
     python3 dev/services.py up        # start both (idempotent, returns at once if running)
     python3 dev/services.py down      # clean stop of both
-    python3 dev/services.py status
+    python3 dev/services.py status    # ours or someone else's, on which ports
+    python3 dev/services.py env       # the sink's variables for these servers
+    python3 dev/services.py check     # are the ports free (or ours)?  Instant, before installs
     DEV_PG_FLAVOR=timescaledb python3 dev/services.py up   # the TimescaleDB cluster, where built
 
 State lives in the ignored folders `.cache/` (jars, reused across runs) and `.dev/`
 (broker data, PostgreSQL cluster, logs).  Everything listens on loopback only.
+DEV_KAFKA_PORT, DEV_KAFKA_CONTROLLER_PORT and DEV_PG_PORT choose the ports at `up`; the state
+directory remembers them (ports.json), so later commands need only DEV_STATE_DIR, if that.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -33,16 +38,45 @@ CACHE = ROOT / ".cache"
 # DEV_STATE_DIR + the DEV_*_PORT variables give a second, independent pair of servers (e.g. to
 # run chaos tests while other tests use the default pair).
 STATE = Path(os.environ.get("DEV_STATE_DIR", ROOT / ".dev")).resolve()
+# The ports this state directory's servers were last started with: `status`, `env`, `down` and
+# the tests find them without the variables that chose them.
+PORTS_FILE = STATE / "ports.json"
 
-KAFKA_PORT = int(os.environ.get("DEV_KAFKA_PORT", "19092"))
-KAFKA_CONTROLLER_PORT = int(os.environ.get("DEV_KAFKA_CONTROLLER_PORT", "19093"))
+
+def recorded_ports() -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in json.loads(PORTS_FILE.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _port(key: str, default: int, *variables: str) -> int:
+    """An explicit variable wins, then the port recorded in the state directory, then the default."""
+    for var in variables:
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return recorded_ports().get(key, default)
+
+
+def _record_ports(**ports: int) -> None:
+    recorded = recorded_ports()
+    if recorded.items() >= ports.items():
+        return
+    PORTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PORTS_FILE.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**recorded, **ports}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(PORTS_FILE)
+
+
+KAFKA_PORT = _port("kafka", 19092, "DEV_KAFKA_PORT")
+KAFKA_CONTROLLER_PORT = _port("kafka_controller", 19093, "DEV_KAFKA_CONTROLLER_PORT")
 # DEV_PG_FLAVOR=timescaledb: a second cluster, run by the locally built TimescaleDB's relocated
 # PostgreSQL (see timescaledb_build), with its own data directory and default port.
 PG_FLAVOR = os.environ.get("DEV_PG_FLAVOR", "postgres")
 if PG_FLAVOR not in {"postgres", "timescaledb"}:
     raise SystemExit(f"DEV_PG_FLAVOR={PG_FLAVOR!r}: use postgres or timescaledb")
 TIMESCALEDB = PG_FLAVOR == "timescaledb"
-PG_PORT = int(os.environ.get("DEV_PG_PORT", os.environ.get("TIMESCALE_PORT", "55433" if TIMESCALEDB else "55432")))
+PG_PORT = _port(PG_FLAVOR, 55433 if TIMESCALEDB else 55432, "DEV_PG_PORT", "TIMESCALE_PORT")
 PG_USER = os.environ.get("TIMESCALE_USER", "ts_user")
 PG_PASSWORD = os.environ.get("TIMESCALE_PASSWORD", "ts_password")
 PG_DB = os.environ.get("TIMESCALE_DB", "timeseries")
@@ -62,7 +96,7 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -197,11 +231,33 @@ def kafka_pid() -> int | None:
         pid = int(KAFKA.pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
+
+
+def _kafka_ports() -> tuple[int, int]:
+    """The ports this state directory's broker was started with (the ones asked for if unknown)."""
+    rec = recorded_ports()
+    return rec.get("kafka", KAFKA_PORT), rec.get("kafka_controller", KAFKA_CONTROLLER_PORT)
 
 
 def kafka_running() -> bool:
-    return kafka_pid() is not None and _port_open(KAFKA_PORT)
+    """This state directory's broker runs, on the ports asked for."""
+    return kafka_pid() is not None and _kafka_ports() == (KAFKA_PORT, KAFKA_CONTROLLER_PORT) and _port_open(KAFKA_PORT)
+
+
+def _kafka_conflict() -> str | None:
+    """Why the broker cannot start on the ports asked for, if it cannot; None if it runs there."""
+    pid = kafka_pid()
+    if pid is not None:
+        ports = _kafka_ports()
+        if ports == (KAFKA_PORT, KAFKA_CONTROLLER_PORT):
+            return None
+        return (f"the broker of {STATE} runs on ports {ports[0]}/{ports[1]} (pid {pid}), not "
+                f"{KAFKA_PORT}/{KAFKA_CONTROLLER_PORT}: stop it first (services.py down) to move it")
+    for port, var in ((KAFKA_PORT, "DEV_KAFKA_PORT"), (KAFKA_CONTROLLER_PORT, "DEV_KAFKA_CONTROLLER_PORT")):
+        if _port_open(port):
+            return f"port {port} is taken by another process, not the broker of {STATE}: set {var} to a free port"
+    return None
 
 
 @contextlib.contextmanager
@@ -219,6 +275,7 @@ def _locked(name: str) -> Iterator[None]:
 def start_kafka(timeout: float = 90.0) -> str:
     """Start the broker if it is not running; returns the bootstrap address."""
     if kafka_running():
+        _record_ports(kafka=KAFKA_PORT, kafka_controller=KAFKA_CONTROLLER_PORT)  # started before ports.json
         return KAFKA_BOOTSTRAP
     with _locked("kafka"):
         return _start_kafka(timeout)
@@ -227,6 +284,9 @@ def start_kafka(timeout: float = 90.0) -> str:
 def _start_kafka(timeout: float) -> str:
     if kafka_running():
         return KAFKA_BOOTSTRAP
+    conflict = _kafka_conflict()
+    if conflict:
+        raise ServiceError(conflict)
     _ensure_kafka_jars()
     KAFKA.home.mkdir(parents=True, exist_ok=True)
     KAFKA.props.write_text(
@@ -243,9 +303,6 @@ def _start_kafka(timeout: float) -> str:
         )
         if res.returncode != 0:
             raise ServiceError(f"formatting KRaft storage failed:\n{res.stdout}\n{res.stderr}")
-    for port in (KAFKA_PORT, KAFKA_CONTROLLER_PORT):
-        if _port_open(port):
-            raise ServiceError(f"port {port} is taken by another process; set DEV_KAFKA_PORT/DEV_KAFKA_CONTROLLER_PORT")
     start_mark = _log_mark(KAFKA.logfile)
     heap = os.environ.get("DEV_KAFKA_HEAP", "-Xms256m -Xmx768m").split()
     cmd = ["java", *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
@@ -260,6 +317,7 @@ def _start_kafka(timeout: float) -> str:
         if proc.poll() is not None:
             raise ServiceError(f"broker exited with {proc.returncode}; see {KAFKA.logfile} and broker.stdout")
         if _port_open(KAFKA_PORT) and _log_has(KAFKA.logfile, start_mark, "Kafka Server started"):
+            _record_ports(kafka=KAFKA_PORT, kafka_controller=KAFKA_CONTROLLER_PORT)
             log(f"kafka up on {KAFKA_BOOTSTRAP} (pid {proc.pid})")
             return KAFKA_BOOTSTRAP
         time.sleep(0.2)
@@ -301,7 +359,7 @@ def _stop_kafka(kill: bool, timeout: float) -> None:
     # A killed JVM's leader thread turns zombie before its other threads have exited and its
     # sockets are closed: wait for the port too, or a quick restart finds it still taken.
     deadline = time.monotonic() + 30
-    while (_port_open(KAFKA_PORT) or _port_open(KAFKA_CONTROLLER_PORT)) and time.monotonic() < deadline:
+    while any(_port_open(port) for port in _kafka_ports()) and time.monotonic() < deadline:
         time.sleep(0.1)
     if kill:
         # The port is freed with the process; nothing else to clean: restart recovers the logs.
@@ -315,7 +373,7 @@ def _wait_gone(pid: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
@@ -387,7 +445,9 @@ def pg_home() -> Path:
     user = _run_as()
     if user is None:
         return home
-    probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(ROOT)], capture_output=True)
+    # The state directory's nearest existing folder: DEV_STATE_DIR may be anywhere (a test's tmp).
+    existing = next(p for p in (STATE, *STATE.parents) if p.exists())
+    probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(existing)], capture_output=True)
     if probe.returncode == 0:
         return home
     digest = hashlib.sha256(str(STATE).encode()).hexdigest()[:10]
@@ -406,14 +466,50 @@ def _pg_paths() -> tuple[Path, Path, Path]:
     return home, home / "data", home / "run"
 
 
+def pg_postmaster() -> tuple[int, int] | None:
+    """(pid, port) of this state directory's cluster, if it runs (from its postmaster.pid)."""
+    _, data, _ = _pg_paths()
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (pid, port) if pid_alive(pid) else None
+
+
 def pg_running() -> bool:
+    """This state directory's cluster runs, on the port asked for."""
     bindir = _pg_bindir()
     if bindir is None:
         return False
     _, data, _ = _pg_paths()
     if not (data / "PG_VERSION").exists():
         return False
-    return _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "status"]).returncode == 0
+    running = _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "status"]).returncode == 0
+    postmaster = pg_postmaster()
+    return running and postmaster is not None and postmaster[1] == PG_PORT
+
+
+def _pg_conflict() -> str | None:
+    """Why the cluster cannot start on the port asked for, if it cannot; None if it runs there."""
+    postmaster = pg_postmaster()
+    if postmaster is not None:
+        pid, port = postmaster
+        if port == PG_PORT:
+            return None
+        return (f"the {PG_FLAVOR} cluster of {STATE} runs on port {port} (pid {pid}), not {PG_PORT}: "
+                "stop it first (services.py down) to move it")
+    if _port_open(PG_PORT):
+        return f"port {PG_PORT} is taken by another process, not the {PG_FLAVOR} cluster of {STATE}: set DEV_PG_PORT"
+    return None
+
+
+def preflight() -> None:
+    """Before any install or start: every port this state directory's servers need is free or
+    already theirs.  Raises ServiceError naming each conflict and the variable that moves it."""
+    problems = [p for p in (_kafka_conflict(), _pg_conflict()) if p]
+    if problems:
+        raise ServiceError("; ".join(problems))
 
 
 def start_postgres(timeout: float = 60.0) -> str:
@@ -423,6 +519,9 @@ def start_postgres(timeout: float = 60.0) -> str:
 
 
 def _start_postgres(timeout: float) -> str:
+    conflict = _pg_conflict()
+    if conflict:
+        raise ServiceError(conflict)
     bindir = _ensure_pg_installed()
     home, data, run = _pg_paths()
     user = _run_as()
@@ -449,13 +548,13 @@ def _start_postgres(timeout: float) -> str:
                 f.write("shared_preload_libraries = 'timescaledb'\nmax_worker_processes = 32\n"
                         "timescaledb.max_background_workers = 24\ntimescaledb.telemetry_level = off\n")
     if not pg_running():
-        if _port_open(PG_PORT):
-            raise ServiceError(f"port {PG_PORT} is taken by another process; set DEV_PG_PORT")
+        # -p: the port asked for now, not the one initdb wrote into postgresql.conf.
         res = _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "postgres.log"),
-                           "-w", "-t", str(int(timeout)), "start"])
+                           "-o", f"-p {PG_PORT}", "-w", "-t", str(int(timeout)), "start"])
         if res.returncode != 0:
             raise ServiceError(f"pg_ctl start failed:\n{res.stdout}\n{res.stderr}\nsee {home / 'postgres.log'}")
         log(f"{PG_FLAVOR} up on 127.0.0.1:{PG_PORT} ({data})")
+    _record_ports(**{PG_FLAVOR: PG_PORT})
     _ensure_role_and_db(bindir)
     return conninfo()
 
@@ -484,12 +583,12 @@ def _ensure_role_and_db(bindir: Path) -> None:
         _psql_admin(bindir, f"CREATE DATABASE {_quote_ident(PG_DB)} OWNER {_quote_ident(PG_USER)}")
 
 
-def psql_admin(sql: str, db: str = PG_DB) -> str:
+def psql_admin(sql: str, db: str | None = None) -> str:
     """Run SQL as the cluster superuser (tests use it for pg_terminate_backend and such)."""
     bindir = _pg_bindir()
     if bindir is None:
         raise ServiceError("PostgreSQL is not installed")
-    return _psql_admin(bindir, sql, db)
+    return _psql_admin(bindir, sql, db or PG_DB)
 
 
 def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
@@ -500,7 +599,7 @@ def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
 
 def _stop_postgres(mode: str, timeout: float) -> None:
     bindir = _pg_bindir()
-    if bindir is None or not pg_running():
+    if bindir is None or pg_postmaster() is None:  # on whichever port it runs
         return
     _, data, _ = _pg_paths()
     res = _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", str(int(timeout)), "stop"])
@@ -509,8 +608,9 @@ def _stop_postgres(mode: str, timeout: float) -> None:
     log(f"{PG_FLAVOR} stopped ({mode})")
 
 
-def conninfo(user: str = PG_USER, password: str = PG_PASSWORD, db: str = PG_DB) -> str:
-    return f"host=127.0.0.1 port={PG_PORT} dbname={db} user={user} password={password}"
+def conninfo(user: str = PG_USER, password: str = PG_PASSWORD, db: str | None = None) -> str:
+    # PG_DB read at call time: the test suite points it at a database of its own.
+    return f"host=127.0.0.1 port={PG_PORT} dbname={db or PG_DB} user={user} password={password}"
 
 
 def service_env() -> dict[str, str]:
@@ -528,11 +628,36 @@ def service_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- CLI
 
 
+def status_lines() -> list[str]:
+    """Each server of this state directory: ours and running (where), or stopped, and then
+    whether someone else's process holds its port."""
+    lines = [f"state    {STATE}"]
+    pid = kafka_pid()
+    if pid is not None:
+        port, controller = _kafka_ports()
+        lines.append(f"kafka    running (ours, pid {pid})  127.0.0.1:{port} (controller {controller})")
+    else:
+        lines.append(f"kafka    stopped  127.0.0.1:{KAFKA_PORT}{_taken(KAFKA_PORT, KAFKA_CONTROLLER_PORT)}")
+    postmaster = pg_postmaster()
+    if postmaster is not None:
+        lines.append(f"{PG_FLAVOR} running (ours, pid {postmaster[0]})  127.0.0.1:{postmaster[1]} ({pg_home()})")
+    else:
+        lines.append(f"{PG_FLAVOR} stopped  127.0.0.1:{PG_PORT}{_taken(PG_PORT)} ({pg_home()})")
+    return lines
+
+
+def _taken(*ports: int) -> str:
+    taken = [str(p) for p in ports if _port_open(p)]
+    return f"; port {', '.join(taken)} in use by someone else's process" if taken else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["up", "down", "status", "env"])
+    ap.add_argument("action", choices=["up", "down", "status", "env", "check"])
     args = ap.parse_args(argv)
     try:
+        if args.action in {"up", "check"}:
+            preflight()  # in seconds, before any install
         if args.action == "up":
             start_kafka()
             start_postgres()
@@ -540,8 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_kafka()
             stop_postgres()
         elif args.action == "status":
-            print(f"kafka    {'running' if kafka_running() else 'stopped'}  {KAFKA_BOOTSTRAP}")
-            print(f"{PG_FLAVOR} {'running' if pg_running() else 'stopped'}  127.0.0.1:{PG_PORT} ({pg_home()})")
+            print("\n".join(status_lines()))
         elif args.action == "env":
             for k, v in service_env().items():
                 print(f"export {k}={v}")

@@ -250,9 +250,49 @@ def db_settings(schema: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def connect(schema: str | None = None, *, autocommit: bool = True, db: str = services.PG_DB) -> psycopg.Connection[Any]:
+def connect(schema: str | None = None, *, autocommit: bool = True, db: str | None = None) -> psycopg.Connection[Any]:
     opts = f" options='-c search_path={schema},public'" if schema else ""
     return psycopg.connect(services.conninfo(db=db) + opts, autocommit=autocommit)
+
+
+# The database dev/demo and `services.py env` use; the test suite works in one of its own.
+CONFIGURED_DB = services.PG_DB
+SUITE_DB_PREFIX = "sink_test_"
+
+
+def open_suite_database() -> str:
+    """Create a fresh database for this test session and point every helper here, and every sink
+    the tests start (services.service_env), at it: whatever dev/demo, an earlier run or a
+    developer left in the configured database (a migrated `public` above all) cannot reach the
+    tests, nor the tests it.  Databases of sessions that died without dropping theirs go first."""
+    listed = services.psql_admin(f"SELECT datname FROM pg_database WHERE datname LIKE '{SUITE_DB_PREFIX}%'",
+                                 db="postgres")
+    for stale in listed.split():
+        pid = stale.removeprefix(SUITE_DB_PREFIX)
+        # Named after the session's pid: a live one belongs to a session running beside this one.
+        if not pid.isdigit() or int(pid) == os.getpid() or not services.pid_alive(int(pid)):
+            drop_database(stale)
+    name = create_database(f"{SUITE_DB_PREFIX}{os.getpid()}")
+    services.PG_DB = name
+    return name
+
+
+def close_suite_database(name: str) -> None:
+    """Drop the session's database (sessions a test left open are ended) and point back at the
+    configured one."""
+    services.PG_DB = CONFIGURED_DB
+    drop_database(name)
+
+
+def create_database(name: str) -> str:
+    """An empty database owned by the sink's role."""
+    services.psql_admin(f'CREATE DATABASE "{name}" OWNER "{services.PG_USER}"', db="postgres")
+    return name
+
+
+def drop_database(name: str) -> None:
+    """Drop a database, ending the sessions still connected to it."""
+    services.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', db="postgres")
 
 
 def create_schema(name: str) -> str:

@@ -17,7 +17,7 @@ from dlq.filters import STAGES, ReplayFilter, build_filter
 from dlq.replay import OnFailure, ReplayOptions
 from sink import __version__
 from sink.errors import FatalError, RetryableError
-from sink.logs import configure_logging, get_logger
+from sink.logs import configure_logging, format_from_env, get_logger
 from sink.settings import ConfigError, Settings, load_settings
 
 log = get_logger("dlq.cli")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
-        configure_logging(stream=_STDERR)
+        configure_logging(format_from_env(), stream=_STDERR)
         log.error("config_invalid", reason=str(e))
         print(f"sink-dlq: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -73,7 +73,13 @@ def replay_view(summary: dict[str, Any]) -> RenderableType:
              ("skipped (filter)", c["skipped"])]
     for name, n in rows:
         t.add_row(name, str(n))
-    lines: list[RenderableType] = [t, Text(f"group {summary['group']}, DLQ {summary['topic']}", style="dim")]
+    lines: list[RenderableType] = [t]
+    if summary.get("markers") is not None:
+        # The progress counts offsets: say why they are more than the records.
+        records = c["replayed"] + c["skipped"]
+        lines.append(Text(f"{summary['offsets']} DLQ offsets read: {records} records and {summary['markers']} "
+                          "Kafka transaction markers (not records)", style="dim"))
+    lines.append(Text(f"group {summary['group']}, DLQ {summary['topic']}", style="dim"))
     if summary.get("stopped_at"):
         s = summary["stopped_at"]
         lines.append(Text(f"stopped at DLQ partition {s['partition']} offset {s['offset']}: "

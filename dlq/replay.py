@@ -344,12 +344,17 @@ class Replayer:
         fields = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "fate": str(fate),
                   "original_topic": info.topic, "original_partition": info.partition,
                   "original_offset": info.offset, "dlq_attempt": info.attempt, "dry_run": self.opts.dry_run}
-        if fate is Fate.FAILED_AGAIN and item.rejection is not None:
+        if fate is Fate.FAILED_AGAIN and item.rejection is not None and not self.opts.dry_run:
             rej = item.rejection
-            # Failures always show (as the sink's record_rejected does); the rest only at DEBUG:
-            # a replay of a large DLQ would otherwise drown its own summary.
+            # Failures always show (as the sink's record_rejected does); the rest, and a dry run's
+            # (its report counts them), only at DEBUG: a replay of a large DLQ would otherwise
+            # drown its own summary.
             log.warning("dlq_record_replayed", stage=rej.stage, error_class=rej.error_class, reason=rej.message,
                         to_dlq=to_dlq, **fields)
+        elif item.rejection is not None:
+            rej = item.rejection
+            log.debug("dlq_record_replayed", stage=rej.stage, error_class=rej.error_class, reason=rej.message,
+                      to_dlq=to_dlq, **fields)
         else:
             log.debug("dlq_record_replayed", error_class=info.error_class, stage=info.stage, **fields)
 

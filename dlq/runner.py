@@ -55,17 +55,17 @@ def run_replay(settings: Settings, opts: ReplayOptions, group: str, *, tty: bool
     result: ReplayResult | None = None
     replayer: Replayer | None = None
     outcome, error = "error", None
-    total = 0
+    offsets = 0  # DLQ offsets to pass: the records and the Kafka transaction markers between them
     progress: ProgressReporter | None = None
     closers: list[Callable[[], Any]] = []
     try:
         reader, writer, outbox, dlq_max_bytes = _open(settings, opts, group, closers)
         opts = replace(opts, dlq_max_bytes=dlq_max_bytes)
-        total = reader.total
+        offsets = reader.total
         txn_id = transactional_id(group) if outbox is not None and settings.kafka_transactional else None
-        log.info("dlq_replay_started", total=total, transactional_id=txn_id,
+        log.info("dlq_replay_started", offsets=offsets, transactional_id=txn_id,
                  plan={str(p): [r.start, r.end] for p, r in sorted(reader.plan.items())}, **base)
-        progress = reporter(total, tty)
+        progress = reporter(offsets, tty)
         replayer = Replayer(opts, reader, writer, outbox, on_progress=progress.update, stop_requested=stop_requested)
         result = replayer.run()
         outcome = str(result.outcome)
@@ -86,7 +86,8 @@ def run_replay(settings: Settings, opts: ReplayOptions, group: str, *, tty: bool
         counts = replayer.counts.as_dict() if replayer is not None else None
         summary: dict[str, Any] = {
             **base, "outcome": outcome, "finished_at": _iso(datetime.now(UTC)),
-            "duration_s": round(time.monotonic() - t0, 3), "total": total, "counts": counts,
+            "duration_s": round(time.monotonic() - t0, 3), "offsets": offsets,
+            "markers": _markers(offsets, result), "counts": counts,
             "stopped_at": _stopped_at(result), "error": error,
         }
         audit = {k: v for k, v in summary.items() if k != "counts"} | (counts or {})
@@ -139,6 +140,14 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
     # Step 3.
     plan = retry(policy, "dlq_offsets", lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True))
     return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox, limit
+
+
+def _markers(offsets: int, result: ReplayResult | None) -> int | None:
+    """Of a completed run's DLQ offsets, those that held no record: the transaction markers of
+    the sink's (and earlier replays') Kafka transactions.  Unknown for a run that stopped early."""
+    if result is None or result.outcome is not Outcome.COMPLETED:
+        return None
+    return offsets - result.counts.replayed - result.counts.skipped
 
 
 def _check_topic(consumer: Any, topic: str) -> None:

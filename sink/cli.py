@@ -21,7 +21,7 @@ from sink.errors import (
     classify_kafka_error,
     retry_log_fields,
 )
-from sink.logs import configure_logging, get_logger
+from sink.logs import configure_logging, format_from_env, get_logger
 from sink.retry import RetryPolicy, retrying
 from sink.settings import ConfigError, Settings, load_settings
 
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kafka-timescale-sink", description=__doc__)
     ap.add_argument("--version", action="version", version=__version__)
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the sink (configured by env vars, see README)")
+    sub.add_parser("run", help="run the sink (configured by env vars, see README)",
+                   description="Consume the input topic into the database until SIGTERM/SIGINT.",
+                   epilog=run_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_parser("migrate", help="apply the schema migrations and exit")
     logs = sub.add_parser("logs", help="work with the sink's JSON logs")
     logs_sub = logs.add_subparsers(dest="logs_command", required=True)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
-        configure_logging()
+        configure_logging(format_from_env())
         log.error("config_invalid", reason=str(e))
         print(f"kafka-timescale-sink: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -91,6 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kafka-timescale-sink: {e}", file=sys.stderr)
         return EXIT_FATAL
     return EXIT_OK
+
+
+def run_epilog() -> str:
+    """`run --help`: every setting with its default (from Settings, so it cannot drift) and the exit codes."""
+    from sink.watchdog import EXIT_STUCK
+
+    lines = ["environment (what each means: README.md, Configuration):"]
+    for name, f in Settings.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        shown = ("(secret)" if name.endswith("password") else str(default).lower() if isinstance(default, bool)
+                 else "(empty)" if default == "" else default)
+        lines.append(f"  {name.upper()}={shown}")
+    lines += ["", "exit codes:",
+              f"  {EXIT_OK}   clean stop (SIGTERM/SIGINT: the current batch is finished and committed)",
+              f"  {EXIT_FATAL}   fatal error: the message says what to fix (auth, missing table, DLQ breaker...)",
+              f"  {EXIT_CONFIG}   invalid configuration: the message names the variable",
+              f"  {EXIT_STUCK}  a librdkafka call hung past its deadline; restart the sink (nothing is lost)"]
+    return "\n".join(lines)
 
 
 def tune_gc() -> None:

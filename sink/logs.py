@@ -8,6 +8,7 @@ and ``kafka-timescale-sink logs search --help`` are checked against EVENTS by a 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Literal, TextIO
 
@@ -122,6 +123,12 @@ def configure_logging(fmt: LogFormat = "json", level: str = "INFO", stream: Text
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+def format_from_env() -> LogFormat:
+    """LOG_FORMAT as asked for, read on its own: a configuration error is logged the way the
+    operator wants to read it even when other settings are invalid (json if LOG_FORMAT is)."""
+    return "console" if os.environ.get("LOG_FORMAT", "").strip().lower() == "console" else "json"
 
 
 def _add_logger_name(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:

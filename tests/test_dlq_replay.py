@@ -8,6 +8,7 @@ that cannot be decoded or validated (still broken).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -204,6 +205,26 @@ def test_dry_run_changes_no_row_and_no_committed_offset(filled: Filled) -> None:
     assert c["inserted"] == c["dlq"] == 0
     after = (testkit.rows(f.schema), testkit.committed_offsets(f.replay_group, f.dlq), testkit.end_offsets(f.dlq))
     assert after == before
+
+
+def test_a_dry_run_reads_like_a_report_whose_counts_add_up(filled: Filled) -> None:
+    f = filled
+    p = subprocess.run([sys.executable, "-m", "dlq", "replay", "--dry-run"], env=dict(f.env, TIMESCALE_SCHEMA=f.schema),
+                       cwd=testkit.ROOT, capture_output=True, text=True, timeout=180)
+
+    assert p.returncode == 0, p.stderr[-4000:]
+    # No line per record on stderr: the start and audit lines (and progress), the report on stdout.
+    lines = [json.loads(line) for line in p.stderr.splitlines() if line.strip()]
+    assert {e["event"] for e in lines} <= {"dlq_replay_started", "dlq_replay_progress", "dlq_replay_finished"}
+    [started] = [e for e in lines if e["event"] == "dlq_replay_started"]
+    [finished] = [e for e in lines if e["event"] == "dlq_replay_finished"]
+    records = f.fixable + f.broken
+    markers = started["offsets"] - records
+    assert markers > 0, "the sink's Kafka transactions leave markers in the DLQ"
+    assert (finished["offsets"], finished["replayed"], finished["markers"]) == (started["offsets"], records, markers)
+    assert re.search(rf"^ *replayed +\W +{records} *$", p.stdout, re.M), p.stdout
+    assert (f"{started['offsets']} DLQ offsets read: {records} records and {markers} Kafka transaction markers"
+            in p.stdout)
 
 
 def test_inspect_json_counts_match_the_dlq_contents(filled: Filled, monkeypatch: pytest.MonkeyPatch,

@@ -22,12 +22,11 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 def database(infra: None) -> Iterator[str]:
     """A database of its own: this test needs ``public`` populated, which no other test may see."""
     services.start_postgres()
-    name = testkit.unique_name("db")
-    services.psql_admin(f'CREATE DATABASE "{name}" OWNER "{services.PG_USER}"', db="postgres")
+    name = testkit.create_database(testkit.unique_name("db"))
     try:
         yield name
     finally:
-        services.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', db="postgres")
+        testkit.drop_database(name)
 
 
 def count(database: str, schema: str, table: str) -> int:
