@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                    description="Consume the input topic into the database until SIGTERM/SIGINT.",
                    epilog=run_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_parser("migrate", help="apply the schema migrations and exit")
+    check = sub.add_parser("check", help="preflight: would the sink start with this configuration?",
+                           description="Ask the broker and the database what would stop or hobble the sink "
+                                       "(nothing is changed). Exit 0 only when it would start.")
+    check.add_argument("--json", action="store_true", help="one JSON document for scripts")
     logs = sub.add_parser("logs", help="work with the sink's JSON logs")
     logs_sub = logs.add_subparsers(dest="logs_command", required=True)
     from sink import logsearch
@@ -73,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run(settings)
+        if args.command == "check":
+            from sink import preflight
+
+            findings = preflight.run_checks(settings)
+            if args.json:
+                print(preflight.render_json(findings))
+            else:
+                preflight.render_table(findings, print)
+            return EXIT_OK if preflight.would_start(findings) else EXIT_FATAL
         if args.command == "migrate":
             _migrate(settings, lambda: False, None)
             return EXIT_OK
