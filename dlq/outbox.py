@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from sink.committer import producer_config
 from sink.envelope import DlqRecord
-from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.errors import FatalError, RetryableError, classify_kafka_error, kafka_error
 from sink.produce import produce_waiting
 from sink.settings import Settings
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
@@ -36,10 +36,6 @@ class OffsetSource(Protocol):
 
 def transactional_id(group: str) -> str:
     return f"sink-dlq-replay.{group}"
-
-
-def _error(e: KafkaException) -> Any:
-    return e.args[0] if e.args else None
 
 
 class TransactionalOutbox:
@@ -62,7 +58,7 @@ class TransactionalOutbox:
         try:
             self._producer.init_transactions(timeout)
         except KafkaException as e:
-            raise classify_kafka_error(_error(e), "init_transactions") from e
+            raise classify_kafka_error(kafka_error(e), "init_transactions") from e
 
     def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
         if not outputs and not offsets:
@@ -77,7 +73,7 @@ class TransactionalOutbox:
                 tps = [TopicPartition(t, part, o) for (t, part), o in offsets.items()]
                 p.send_offsets_to_transaction(tps, self._source.group_metadata(), self._timeout)
         except KafkaException as e:
-            raise self._abort(_error(e), "replay_produce") from e
+            raise self._abort(kafka_error(e), "replay_produce") from e
         self._commit(p)
 
     def _commit(self, p: Producer) -> None:
@@ -88,7 +84,7 @@ class TransactionalOutbox:
                 self._in_txn = False
                 return
             except KafkaException as e:
-                err = _error(e)
+                err = kafka_error(e)
                 if err is not None and err.txn_requires_abort():
                     raise self._abort(err, "replay_commit") from e
                 if err is None or not err.retriable() or err.fatal():
@@ -103,7 +99,7 @@ class TransactionalOutbox:
             self._producer.abort_transaction(self._timeout)
             self._in_txn = False
         except KafkaException as e:
-            return _fatal(_error(e), "abort_transaction")
+            return _fatal(kafka_error(e), "abort_transaction")
         out = classify_kafka_error(err, cause)
         return out if isinstance(out, FatalError) else RetryableError(cause, f"transaction aborted: {out}")
 
@@ -162,7 +158,7 @@ class PlainOutbox:
             try:
                 _produce(self._producer, topic, rec, batch.on_ack(i))
             except KafkaException as e:  # refused before queueing, e.g. larger than message.max.bytes
-                raise classify_kafka_error(_error(e), "replay_produce") from e
+                raise classify_kafka_error(kafka_error(e), "replay_produce") from e
             batch.mark_queued(i)
         # Step 2.
         if batch.outputs:

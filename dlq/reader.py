@@ -62,7 +62,7 @@ def capture_plan(consumer: Any, topic: str, *, from_committed: bool,
     try:
         md = consumer.list_topics(topic, timeout=timeout)
     except KafkaException as e:
-        raise classify_kafka_error(e.args[0] if e.args else None, "dlq_read") from e
+        raise classify_kafka_error(e, "dlq_read") from e
     t = md.topics.get(topic)
     if t is None or t.error is not None or not t.partitions:
         reason = t.error.str() if t is not None and t.error is not None else "no partitions"
@@ -83,7 +83,7 @@ def capture_plan(consumer: Any, topic: str, *, from_committed: bool,
             start = max(committed.get(tp.partition, low), low)
             plan[tp.partition] = PartitionRange(tp.partition, start, max(start, high))
     except KafkaException as e:
-        raise classify_kafka_error(e.args[0] if e.args else None, "dlq_offsets") from e
+        raise classify_kafka_error(e, "dlq_offsets") from e
     return plan
 
 
@@ -123,7 +123,7 @@ class DlqReader:
         try:
             msgs = self.consumer.consume(num_messages=max(1, max_records), timeout=timeout)
         except KafkaException as e:
-            raise classify_kafka_error(e.args[0] if e.args else None, "dlq_read") from e
+            raise classify_kafka_error(e, "dlq_read") from e
         out: list[SourceRecord] = []
         first_error: Any = None
         for m in msgs:

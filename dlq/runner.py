@@ -154,7 +154,7 @@ def _check_topic(consumer: Any, topic: str) -> None:
     try:
         md = consumer.list_topics(topic, timeout=15)
     except KafkaException as e:
-        raise classify_kafka_error(e.args[0] if e.args else None, "to_topic") from e
+        raise classify_kafka_error(e, "to_topic") from e
     t = md.topics.get(topic)
     if t is None or t.error is not None or not t.partitions:
         raise FatalError(f"--to-topic {topic}: the topic does not exist or cannot be described")

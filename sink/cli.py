@@ -284,7 +284,7 @@ def _startup_retry(cause: str, fn: Callable[[], T], stop_requested: Callable[[],
                     from confluent_kafka import KafkaException
 
                     if isinstance(e, KafkaException):
-                        raise classify_kafka_error(e.args[0] if e.args else None, cause) from e
+                        raise classify_kafka_error(e, cause) from e
                     raise
     except RetryableError as e:  # RETRY_MAX_ATTEMPTS used up
         raise FatalError(f"{cause} failed after {policy.attempts} attempts: {e}") from e

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord, fit_record, parse_headers, record_bytes
-from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.errors import FatalError, RetryableError, classify_kafka_error, kafka_error
 from sink.logs import get_logger
 from sink.produce import produce_waiting
 from sink.settings import Settings
@@ -139,10 +139,6 @@ def lower_limit(limit: int) -> int:
 _MIN_RECORD_LIMIT = 1024  # below this even our headers alone cannot fit
 
 
-def _kafka_error(e: KafkaException) -> Any:
-    return e.args[0] if e.args else None
-
-
 class TransactionalCommitter:
     def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 10.0,
                  dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -176,7 +172,7 @@ class TransactionalCommitter:
             try:
                 p.init_transactions(self._timeout)
             except KafkaException as e:
-                raise _classify(_kafka_error(e), "init_transactions") from e  # p is not kept
+                raise _classify(kafka_error(e), "init_transactions") from e  # p is not kept
             self._producer = p
             log.info("kafka_transactions_ready", topic=self._topic, transactional_id=conf["transactional.id"])
         return self._producer
@@ -214,7 +210,7 @@ class TransactionalCommitter:
                 p.send_offsets_to_transaction(tps, self._source.group_metadata(), self._timeout)
             self._commit(p, work)
         except KafkaException as e:
-            err = _kafka_error(e)
+            err = kafka_error(e)
             if _too_large(err) or any(map(_too_large, refused)):
                 self._lower_limit()
             out = _classify(err, "dlq_commit")
@@ -249,7 +245,7 @@ class TransactionalCommitter:
                 self._in_txn = False
                 return
             except KafkaException as e:
-                err = _kafka_error(e)
+                err = kafka_error(e)
                 if err is None or not err.retriable() or err.txn_requires_abort() or err.fatal():
                     raise
         self._unfinished = work  # the next complete() (or close()) resumes this commit
@@ -372,7 +368,7 @@ class PlainCommitter:
                 produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key,
                                 headers=list(rec.headers), on_delivery=on_ack(origin))
             except KafkaException as e:
-                raise classify_kafka_error(_kafka_error(e), "dlq_publish") from e
+                raise classify_kafka_error(kafka_error(e), "dlq_publish") from e
         if dlq:
             left = self._producer.flush(self._timeout)
             if left:

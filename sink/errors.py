@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaException
 from tenacity import RetryCallState
 
 from sink.logs import get_logger
@@ -117,8 +118,16 @@ def pg_message(exc: BaseException) -> str:
     return f"{text} ({detail})" if detail else text
 
 
+def kafka_error(e: KafkaException) -> Any:
+    """The KafkaError a KafkaException carries (None if it carries none)."""
+    return e.args[0] if e.args else None
+
+
 def classify_kafka_error(err: Any, cause: str) -> SinkError:
-    """Map a confluent_kafka KafkaError to RetryableError or FatalError."""
+    """Map a confluent_kafka KafkaError, or the KafkaException carrying one, to RetryableError or
+    FatalError."""
+    if isinstance(err, KafkaException):
+        err = kafka_error(err)
     if err is None:
         return RetryableError(cause, "unknown Kafka error")
     try:

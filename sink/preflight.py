@@ -19,6 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from psycopg import sql
 
 from sink import timescale
+from sink.errors import kafka_error
 from sink.migrations import LEDGER, MigrationError, load_migrations, sql_dir
 from sink.settings import Settings
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
@@ -136,7 +137,7 @@ def _transactions(conf: dict[str, Any], s: Settings) -> Finding:
 
 
 def _kafka(e: KafkaException) -> str:
-    err: Any = e.args[0] if e.args else None
+    err: Any = kafka_error(e)
     return f"{err.name()}: {err.str()}" if hasattr(err, "name") else str(e)
 
 

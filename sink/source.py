@@ -59,7 +59,7 @@ def commit_offsets(consumer: Any, offsets: dict[TP, int]) -> None:
     try:
         result = consumer.commit(offsets=tps, asynchronous=False)
     except KafkaException as e:
-        raise classify_kafka_error(e.args[0] if e.args else None, "commit") from e
+        raise classify_kafka_error(e, "commit") from e
     for tp in result or []:
         if tp.error is not None:
             raise classify_kafka_error(tp.error, "commit")
@@ -164,7 +164,7 @@ class KafkaSource:
         try:
             msgs = self.consumer.consume(num_messages=max(1, max_records), timeout=max(0.0, timeout))
         except KafkaException as e:
-            raise classify_kafka_error(e.args[0] if e.args else None, "consume") from e
+            raise classify_kafka_error(e, "consume") from e
         out: list[SourceRecord] = []
         append = out.append  # the per-record loop of the hot path: kept to the calls it needs
         for m in msgs:

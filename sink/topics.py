@@ -12,7 +12,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # exported at
     ResourceType,
 )
 
-from sink.errors import FatalError, classify_kafka_error
+from sink.errors import FatalError, classify_kafka_error, kafka_error
 from sink.logs import get_logger
 from sink.settings import Settings
 
@@ -36,7 +36,7 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as e:
-        raise classify_kafka_error(e.args[0] if e.args else None, "dlq_topic") from e
+        raise classify_kafka_error(e, "dlq_topic") from e
     dlq = settings.dlq_topic
     created = None
     if not (dlq in md.topics and md.topics[dlq].error is None):
@@ -83,7 +83,7 @@ def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> int | No
     try:
         fut.result(timeout=timeout)
     except KafkaException as e:
-        err = e.args[0] if e.args else None
+        err = kafka_error(e)
         if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
             return None
         out = classify_kafka_error(err, "dlq_topic")
