@@ -34,6 +34,15 @@ def pytest_report_header() -> str:
     return f"database server: {where} on 127.0.0.1:{services.PG_PORT}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marks
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Every test that needs the real broker or database (the `infra` fixture, directly or
+    through `topic`/`schema`) is marked `integration` here, once, so `-m "not integration"`
+    runs exactly the tests that need neither."""
+    if "infra" in getattr(item, "fixturenames", ()) and item.get_closest_marker("integration") is None:
+        item.add_marker(pytest.mark.integration)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Against plain PostgreSQL every test runs but the TimescaleDB suite (`timescaledb`); against
     the TimescaleDB build (DEV_PG_FLAVOR=timescaledb, run by dev/test where one is built) only the

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
+import dlq.inspect
+from dev import testkit
 from dlq.cli import main
+from dlq.reader import capture_plan
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +93,21 @@ def test_a_replay_gives_up_after_retry_max_attempts_or_8_when_it_is_0(
     retries = [e for e in events if e["event"] == "retrying"]
     assert len(retries) == attempts - 1
     assert {(e["cause"], e["error_class"]) for e in retries} == {("db_connect", "OperationalError")}
+
+
+def test_inspect_with_kafka_unreachable_exits_1_with_a_one_line_message(monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    for k in list(os.environ):
+        if k.startswith(("KAFKA_", "TIMESCALE_", "RETRY_", "LOG_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{testkit.closed_port()}")
+    # The metadata timeout is 15 s; a second is enough to see the broker is not there.
+    monkeypatch.setattr(dlq.inspect, "capture_plan", functools.partial(capture_plan, timeout=1.0))
+    assert main(["inspect", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("sink-dlq")]
+    assert line.startswith("sink-dlq inspect: unavailable, try again later: dlq_read: _TRANSPORT")
+    assert "Traceback" not in captured.err
