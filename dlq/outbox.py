@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from sink.committer import producer_config
+from sink.committer import OffsetSink, producer_config
 from sink.envelope import DlqRecord
 from sink.errors import FatalError, RetryableError, classify_kafka_error, kafka_error
 from sink.produce import produce_waiting
@@ -26,12 +26,6 @@ from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 TP = tuple[str, int]
 Output = tuple[str, DlqRecord]  # (topic, record)
-
-
-class OffsetSource(Protocol):
-    def group_metadata(self) -> Any: ...
-
-    def commit(self, offsets: dict[TP, int]) -> None: ...
 
 
 def transactional_id(group: str) -> str:
@@ -46,7 +40,7 @@ class TransactionalOutbox:
     is settled by the next run's init_transactions, never guessed at here.
     """
 
-    def __init__(self, settings: Settings, source: OffsetSource, group: str, timeout: float = 30.0,
+    def __init__(self, settings: Settings, source: OffsetSink, group: str, timeout: float = 30.0,
                  dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._source = source
         self._timeout = timeout
@@ -132,7 +126,7 @@ class PlainOutbox:
     run (rows stay exactly once: ON CONFLICT DO NOTHING).  A retried complete() of the same
     batch does not repeat the records already acknowledged."""
 
-    def __init__(self, settings: Settings, source: OffsetSource, timeout: float = 30.0,
+    def __init__(self, settings: Settings, source: OffsetSink, timeout: float = 30.0,
                  producer: Any = None, dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._source = source
         self._timeout = timeout
