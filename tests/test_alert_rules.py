@@ -24,7 +24,8 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 _PROMQL_WORDS = {
     "sum", "max", "min", "by", "on", "and", "or", "unless", "rate", "deriv", "changes", "absent",
     "max_over_time", "histogram_quantile", "le", "job", "instance", "topic", "partition", "cause",
-    "error_class", "stage", "without", "ignoring", "increase", "avg",
+    "error_class", "stage", "without", "ignoring", "increase", "avg", "count", "vector", "ALERTS",
+    "alertname", "alertstate",
 }
 
 

@@ -4,6 +4,7 @@ through pending to firing and back to nothing."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 
 from dev import services, testkit
 from dev.prometheus import PrometheusError, PrometheusServer, rules_with_short_for
+from tests import test_dashboard as dashboard
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +72,9 @@ def live(infra: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live
 
 def test_the_sinks_series_arrive_in_prometheus(live: Live) -> None:
     prom = live.prom
-    testkit.wait_for(lambda: value(prom, f'sum(sink_rows_inserted_total{{job="{JOB}"}})') == PRODUCED, 60,
-                     what=f"{PRODUCED} inserted rows in Prometheus")
+    testkit.wait_for(lambda: value(prom, f'sum(sink_rows_inserted_total{{job="{JOB}"}})') == PRODUCED
+                     and value(prom, "sum(sink_records_dlq_total)") == 1, 60,
+                     what=f"{PRODUCED} inserted rows and 1 DLQ record in Prometheus")
     assert value(prom, f'up{{job="{JOB}"}}') == 1
     dlq = prom.query("sink_records_dlq_total")
     assert [(s["metric"]["error_class"], s["metric"]["stage"], s["value"][1]) for s in dlq] == [
@@ -102,6 +105,24 @@ def test_every_rule_evaluates_without_error(live: Live) -> None:
         prom.query(rule["query"])  # raises PrometheusError on a bad expression
     with pytest.raises(PrometheusError, match="bad_data"):
         prom.query("sum(")  # the API does report bad expressions
+
+
+def test_every_dashboard_query_is_accepted_and_the_core_panels_show_data(live: Live) -> None:
+    prom = live.prom
+    testkit.wait_for(lambda: value(prom, "sum(sink:records_consumed:rate1m)") not in (None, 0.0)
+                     and value(prom, "max(sink:dlq_ratio:rate5m)") is not None, 60,
+                     what="recorded throughput and DLQ share")
+    panels = dashboard.panels()
+    assert panels
+    empty = []
+    for panel in panels:
+        for target in panel["targets"]:
+            expr = dashboard.grafana_to_promql(target["expr"])
+            result = prom.query_range(expr, seconds=60)  # raises PrometheusError if refused
+            if not result:
+                empty.append(expr)
+    # Only what this run cannot produce is empty: no retry yet, no container memory limit.
+    assert all(re.search(r"retries|memory_limit", expr) for expr in empty), empty
 
 
 def alert_states(prom: PrometheusServer, name: str) -> set[str]:
