@@ -159,3 +159,12 @@ def test_stopping_postgres_raises_the_database_alert_and_starting_it_clears_it(l
     testkit.wait_for(lambda: alert_states(prom, "SinkDatabaseDisconnected") == set(), 90,
                      what="SinkDatabaseDisconnected cleared")
     assert value(prom, "sink_db_connected") == 1
+
+
+def test_a_killed_sink_raises_sink_down(live: Live) -> None:
+    # Last in the module: the sink does not come back.
+    prom = live.prom
+    assert alert_states(prom, "SinkDown") == set()
+    live.sink.kill()
+    testkit.wait_for(lambda: alert_states(prom, "SinkDown") == {"firing"}, 60, what="SinkDown firing")
+    assert value(prom, f'up{{job="{JOB}"}}') == 0
