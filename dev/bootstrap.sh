@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh machine (idempotent, quick when nothing is missing):
-# Java + Maven for the local Kafka broker, PostgreSQL, and the Python virtualenv in .venv.
+# Java + Maven for the local Kafka broker, PostgreSQL, Prometheus (promtool and the server the
+# alert-rule tests run), and the Python virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,9 @@ need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
+# Debian's package ships both binaries; its service is not started (no init in CI, and the tests
+# run their own server on a free port).
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_apt+=(prometheus)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "[dev] missing: ${need_apt[*]} — run: sudo apt-get install -y ${need_apt[*]}" >&2

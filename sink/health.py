@@ -52,6 +52,8 @@ class HealthState:
 
 def serve(host: str, port: int, state: HealthState, metrics: Metrics) -> ThreadingHTTPServer:
     """Start the server in a daemon thread."""
+    # Read at scrape time, so /metrics and /readyz cannot disagree.
+    metrics.ready.set_function(lambda: float(state.ready()[0]))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+# cgroup v2, then v1: the memory bound a container runtime puts on the process.
+CGROUP_MEMORY_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"),
+                             Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+# cgroup v1 writes "no limit" as a huge number (PAGE_COUNTER_MAX pages), not as "max".
+_NO_LIMIT_ABOVE = 1 << 60
+
+
+def memory_limit_bytes(files: tuple[Path, ...] = CGROUP_MEMORY_LIMIT_FILES) -> int | None:
+    """The cgroup's memory limit, or None when there is none (or it cannot be read)."""
+    for f in files:
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < _NO_LIMIT_ABOVE:
+            return int(text)
+        return None
+    return None
 
 
 class Metrics:
@@ -39,6 +59,16 @@ class Metrics:
         self.dlq_share = Gauge("sink_dlq_share", "Share of recent records sent to the DLQ", registry=r)
         self.paused = Gauge("sink_consumer_paused", "1 while consumption is paused", registry=r)
         self.assigned = Gauge("sink_assigned_partitions", "Partitions assigned to this instance", registry=r)
+        self.ready = Gauge("sink_ready", "1 when /readyz answers 200 (broker and database reachable)", registry=r)
+        # process_resident_memory_bytes and process_start_time_seconds (restarts) for the alerts;
+        # the default registry would have them, a registry of our own needs them added.
+        ProcessCollector(registry=r)
+        limit = memory_limit_bytes()
+        # Unlimited: no series beats a fake bound (the memory alert divides by it and stays silent).
+        self.memory_limit = Gauge("sink_memory_limit_bytes", "The container's (cgroup) memory limit; absent "
+                                  "when unlimited", registry=r if limit is not None else None)
+        if limit is not None:
+            self.memory_limit.set(limit)
         self._started = time.time()
         self._last_commit_at: float | None = None
         self.since_commit.set_function(self._seconds_since_commit)

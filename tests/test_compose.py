@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import yaml
 from sink.settings import Settings
 from sink.timescale import MIN_TIMESCALEDB
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+from tests.test_alert_rules import promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +65,7 @@ def depends(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_compose_has_the_pipeline_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"kafka", "timescaledb", "topics", "sink", "demo"}
+    assert set(services) == {"kafka", "timescaledb", "topics", "sink", "demo", "prometheus", "grafana"}
 
 
 def test_kafka_is_the_official_image_as_a_single_kraft_node(services: dict[str, Any]) -> None:
@@ -234,3 +236,54 @@ def test_image_bakes_in_no_secret_and_installs_from_pyproject() -> None:
     assert ignore[0] == "*"
     assert {"!pyproject.toml", "!README.md", "!sink/", "!dlq/", "!sql/"} <= set(ignore)
     assert not {"!.git", "!.venv", "!.dev", "!.env"} & set(ignore)
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> repository path of a service's bind mounts (named volumes left out)."""
+    out = {}
+    for spec in service.get("volumes", []):
+        source, target = str(spec).split(":")[:2]
+        if source.startswith("./"):
+            out[target] = ROOT / source
+    return out
+
+
+def test_monitoring_profile_runs_prometheus_with_the_sinks_rules(services: dict[str, Any], tmp_path: Path) -> None:
+    prom = services["prometheus"]
+    assert prom["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prom["image"])
+    files = mounts(prom)
+    assert all(path.is_file() for path in files.values()), files
+    config_path = next(t for t in files if t.endswith("prometheus.yml"))
+    assert f"--config.file={config_path}" in prom["command"]
+    config = yaml.safe_load(files[config_path].read_text())
+    # Every rule file it loads is mounted, and is the sink's.
+    assert {files[f] for f in config["rule_files"]} == {ROOT / "deploy" / "prometheus" / "sink-rules.yml"}
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "kafka-timescale-sink"  # the rules select this job
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["sink"] and sd["port"] == int(env(services["sink"])["METRICS_PORT"])
+    # promtool accepts the configuration, its rule files read from the repository.
+    config["rule_files"] = [str(files[f]) for f in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    res = subprocess.run([promtool(), "check", "config", str(tmp_path / "prometheus.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_monitoring_profile_provisions_grafana_with_prometheus_and_the_dashboard(services: dict[str, Any]) -> None:
+    grafana = services["grafana"]
+    assert grafana["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
+    assert depends(grafana) == {"prometheus": "service_healthy"}
+    dirs = mounts(grafana)
+    provisioning = dirs["/etc/grafana/provisioning"]
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["isDefault"] is True
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "sink.yml").read_text())["providers"]
+    dashboards = dirs[provider["options"]["path"]]
+    assert (dashboards / "kafka-timescale-sink.json").is_file()
+    home = env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/") and (dashboards / Path(home).name).is_file()
