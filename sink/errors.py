@@ -74,12 +74,26 @@ _POISON_CLASSES = frozenset({"22", "23"})
 _RETRYABLE_CODES = frozenset({"55P03", "55006", "25P03", "25P04"})
 
 
+# libpq's words for a TLS setup that no retry can fix (no SQLSTATE: the connection never started).
+_TLS_CONFIG_ERRORS = ("server does not support SSL", "certificate verify failed", "does not match host name",
+                      "root certificate file", "private key file", "certificate present, but not private key",
+                      "could not read certificate", "could not load", "sslmode value")
+
+
+def db_tls_misconfigured(exc: BaseException) -> bool:
+    """A connection refused over TLS settings (TIMESCALE_SSL*): wrong CA, host name, files, or
+    TLS required of a server without it."""
+    return getattr(exc, "sqlstate", None) is None and any(m in str(exc) for m in _TLS_CONFIG_ERRORS)
+
+
 def db_error_is_retryable(exc: BaseException) -> bool:
     """The database is unavailable or busy, not wrong: SQLSTATE classes 08/40/53/57/58, lock
     timeouts and ended sessions, or no SQLSTATE at all (the connection failed or broke)."""
     sqlstate = getattr(exc, "sqlstate", None)
     if sqlstate:
         return sqlstate[:2] in _RETRYABLE_CLASSES or sqlstate in _RETRYABLE_CODES
+    if db_tls_misconfigured(exc):
+        return False
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
 
 
@@ -91,6 +105,9 @@ def classify_db_error(exc: BaseException, cause: str = "db_write") -> SinkError:
     message = pg_message(exc)
     if db_error_is_retryable(exc):
         return RetryableError(cause, f"[{sqlstate}] {message}" if sqlstate else message or type(exc).__name__)
+    if db_tls_misconfigured(exc):
+        return FatalError(f"cannot connect to the database over TLS: {message} (check TIMESCALE_SSLMODE, "
+                          "TIMESCALE_SSLROOTCERT, TIMESCALE_SSLCERT/TIMESCALE_SSLKEY and TIMESCALE_HOST)")
     if sqlstate:
         if sqlstate[:2] in _POISON_CLASSES:
             return PoisonError(type(exc).__name__, message, sqlstate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
     timescale_user: str = "ts_user"
     timescale_password: SecretStr = SecretStr("ts_password")
     timescale_connect_timeout: int = Field(10, ge=1)
+    # TLS to PostgreSQL, as libpq's sslmode/sslrootcert/sslcert/sslkey (empty: libpq's default).
+    timescale_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    timescale_sslrootcert: str = ""
+    timescale_sslcert: str = ""
+    timescale_sslkey: str = ""
     # Schema holding iot_measurements and the migrations table (tests use one per test).
     timescale_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -125,7 +131,22 @@ class Settings(BaseSettings):
             raise ValueError("RETRY_MAX_BACKOFF must be >= RETRY_INITIAL_BACKOFF")
         if self.dlq_topic == self.kafka_input_topic:
             raise ValueError("KAFKA_DLQ_TOPIC must differ from KAFKA_INPUT_TOPIC")
+        self._check_tls_files()
         return self
+
+    def _check_tls_files(self) -> None:
+        # Found now, named by variable, rather than as a connection error after the first retry.
+        for env, path in (("TIMESCALE_SSLROOTCERT", self.timescale_sslrootcert),
+                          ("TIMESCALE_SSLCERT", self.timescale_sslcert), ("TIMESCALE_SSLKEY", self.timescale_sslkey)):
+            if path and path != "system" and not os.access(path, os.R_OK):
+                raise ValueError(f"{env}={path!r} is not a readable file")
+        if bool(self.timescale_sslcert) != bool(self.timescale_sslkey):
+            raise ValueError("TIMESCALE_SSLCERT and TIMESCALE_SSLKEY go together (a client certificate and its key)")
+        if self.timescale_sslmode.startswith("verify") and not self.timescale_sslrootcert:
+            default = os.path.expanduser("~/.postgresql/root.crt")
+            if not os.access(default, os.R_OK):
+                raise ValueError(f"TIMESCALE_SSLMODE={self.timescale_sslmode} verifies the server against a CA: "
+                                 "set TIMESCALE_SSLROOTCERT to its certificate (or 'system' for the OS's CAs)")
 
     @property
     def dlq_topic(self) -> str:
@@ -147,6 +168,9 @@ class Settings(BaseSettings):
             keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
             tcp_user_timeout=60_000,
             options=f"-c search_path={self.timescale_schema},public",
+            sslmode=self.timescale_sslmode,
+            **{k: v for k, v in (("sslrootcert", self.timescale_sslrootcert), ("sslcert", self.timescale_sslcert),
+                                 ("sslkey", self.timescale_sslkey)) if v},
         )
 
     def safe_summary(self) -> dict[str, Any]:
