@@ -35,6 +35,7 @@ import psycopg
 from psycopg import sql
 
 from sink import timescale
+from sink.catalog import relation_exists, scalar, schema_exists
 from sink.errors import db_error_is_retryable, pg_message
 from sink.logs import get_logger
 from sink.settings import ConfigError, Settings
@@ -215,13 +216,13 @@ def _validate(conn: psycopg.Connection[Any], p: TimescalePolicies) -> None:
         if value is None:
             continue
         try:
-            positive = _scalar(conn, "SELECT %s::interval > interval '0'", [value])
+            positive = scalar(conn, "SELECT %s::interval > interval '0'", [value])
         except psycopg.DataError as e:
             raise PolicySettingError(f"{env}={value!r} is not a PostgreSQL interval: {_describe(e)}") from None
         if not positive:
             hint = " (0 or off disables it)" if env in {"TIMESCALE_COMPRESS_AFTER", "TIMESCALE_RETENTION"} else ""
             raise PolicySettingError(f"{env}={value!r} must be a positive interval{hint}")
-    if p.retention is not None and not _scalar(
+    if p.retention is not None and not scalar(
         conn,
         "SELECT %s::interval >= %s::interval + %s::interval",
         [p.retention, MIN_REFRESH_WINDOW, RETENTION_MARGIN],
@@ -245,18 +246,27 @@ def _bootstrap(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
         _lock(conn, schema)
         # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when
         # the schema exists, which a migration role limited to its schema does not have.
-        if _scalar(conn, "SELECT to_regnamespace(%s) IS NULL", [schema]):
+        if not schema_exists(conn, schema):
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        current = _scalar(conn, "SELECT current_schema()")
+        current = scalar(conn, "SELECT current_schema()")
         if current != schema:
             raise MigrationError(f"TIMESCALE_SCHEMA={schema!r} but the connection's current schema is {current!r}")
         # Qualified: an unqualified name would find another schema's table through the search path.
-        if _scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NULL", [schema, LEDGER]):
+        if not relation_exists(conn, schema, LEDGER):
             conn.execute(sql.SQL(
                 "CREATE TABLE {} ("
                 " name text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             ).format(_ledger(schema)))
-        rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(_ledger(schema))).fetchall()
+        return _read_ledger(conn, schema)
+
+
+def recorded_migrations(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
+    """The ledger: applied migration name -> checksum; empty when there is no ledger yet."""
+    return _read_ledger(conn, schema) if relation_exists(conn, schema, LEDGER) else {}
+
+
+def _read_ledger(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
+    rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(_ledger(schema))).fetchall()
     return {str(name): str(checksum) for name, checksum in rows}
 
 
@@ -305,11 +315,6 @@ def _ledger(schema: str) -> sql.Identifier:
 def _lock(conn: psycopg.Connection[Any], schema: str) -> None:
     # Held until the transaction ends; every migration and reconciliation takes it.
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"kafka-timescale-sink:schema:{schema}"])
-
-
-def _scalar(conn: psycopg.Connection[Any], query: str, params: list[Any] | None = None) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return None if row is None else row[0]
 
 
 def _describe(e: psycopg.Error) -> str:

@@ -16,17 +16,17 @@ from typing import Any, Literal
 import psycopg
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-from psycopg import sql
 
 from sink import timescale
-from sink.errors import kafka_error
-from sink.migrations import LEDGER, MigrationError, load_migrations, sql_dir
+from sink.catalog import relation_exists, scalar, schema_exists
+from sink.errors import kafka_error, pg_message
+from sink.migrations import MigrationError, load_migrations, recorded_migrations, sql_dir
 from sink.settings import Settings
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+from sink.writer import TABLE
 
 Status = Literal["ok", "note", "problem"]
 TIMEOUT_S = 10.0
-TABLE = "iot_measurements"
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def postgres_checks(s: Settings) -> list[Finding]:
     try:
         conn = psycopg.connect(s.conninfo(), autocommit=True, connect_timeout=min(s.timescale_connect_timeout, 10))
     except psycopg.Error as e:
-        add(Finding("postgresql", "server", "problem", f"cannot connect to {where}: {_pg(e)}",
+        add(Finding("postgresql", "server", "problem", f"cannot connect to {where}: {pg_message(e)}",
                     "check TIMESCALE_HOST/PORT/DB/USER/PASSWORD, the network and pg_hba.conf"))
         return out
     with conn:
@@ -165,7 +165,8 @@ def postgres_checks(s: Settings) -> list[Finding]:
                 add(ts)
                 out.extend(_schema(conn, s, ts.status == "ok"))
         except psycopg.Error as e:
-            add(Finding("postgresql", "schema", "problem", f"reading schema {s.timescale_schema} failed: {_pg(e)}",
+            add(Finding("postgresql", "schema", "problem",
+                        f"reading schema {s.timescale_schema} failed: {pg_message(e)}",
                         f"grant {s.timescale_user} USAGE on the schema and SELECT on its tables"))
     return out
 
@@ -184,16 +185,11 @@ def _timescaledb(conn: psycopg.Connection[Any], s: Settings) -> Finding:
                    "retention or hourly aggregate)", fix)
 
 
-def _scalar(conn: psycopg.Connection[Any], query: str, params: list[Any] | None = None) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
-
-
 def _schema(conn: psycopg.Connection[Any], s: Settings, timescaledb: bool) -> list[Finding]:
     schema = s.timescale_schema
     out: list[Finding] = []
-    if _scalar(conn, "SELECT to_regnamespace(%s) IS NULL", [schema]):
-        can = _scalar(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")
+    if not schema_exists(conn, schema):
+        can = scalar(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")
         if s.run_migrations and can:
             out.append(Finding("postgresql", "schema", "note", f"schema {schema} does not exist; migrations "
                                "will create it"))
@@ -214,10 +210,7 @@ def _migrations(conn: psycopg.Connection[Any], s: Settings, timescaledb: bool) -
         files = load_migrations(sql_dir())
     except MigrationError as e:
         return Finding("postgresql", "migrations", "problem", str(e), "fix the migrations directory")
-    recorded: dict[str, str] = {}
-    if _scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", [schema, LEDGER]):
-        rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(sql.Identifier(schema, LEDGER)))
-        recorded = {str(n): str(c) for n, c in rows.fetchall()}
+    recorded = recorded_migrations(conn, schema)
     changed = [m.name for m in files if m.name in recorded and recorded[m.name] != m.checksum]
     if changed:
         return Finding("postgresql", "migrations", "problem", f"changed after they were applied: {', '.join(changed)}",
@@ -233,32 +226,28 @@ def _migrations(conn: psycopg.Connection[Any], s: Settings, timescaledb: bool) -
                    "RUN_MIGRATIONS=false", "run `kafka-timescale-sink migrate` with the migration role")
 
 
-_NEEDED: list[tuple[str, str]] = [("SELECT", "reads duplicates back"), ("INSERT", "writes rows")]
+_NEEDED = ("SELECT", "INSERT")  # the writer reads conflicting rows back and inserts
 
 
 def _privileges(conn: psycopg.Connection[Any], s: Settings) -> Finding:
     schema, user = s.timescale_schema, s.timescale_user
     table = f"{schema}.{TABLE}"
-    if not _scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", [schema, TABLE]):
+    if not relation_exists(conn, schema, TABLE):
         if s.run_migrations:
             return Finding("postgresql", "privileges", "note", f"{table} does not exist yet; migrations create it")
         return Finding("postgresql", "privileges", "problem", f"{table} does not exist",
                        "run `kafka-timescale-sink migrate`")
-    missing = [p for p, _ in _NEEDED if not _scalar(
+    missing = [p for p in _NEEDED if not scalar(
         conn, "SELECT has_table_privilege(format('%%I.%%I', %s::text, %s::text), %s)", [schema, TABLE, p])]
-    if not _scalar(conn, "SELECT has_schema_privilege(%s, 'USAGE')", [schema]):
+    if not scalar(conn, "SELECT has_schema_privilege(%s, 'USAGE')", [schema]):
         missing.insert(0, f"USAGE on schema {schema}")
-    if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMPORARY')"):
+    if not scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMPORARY')"):
         missing.append("TEMPORARY on the database (the batch's staging table)")
     if missing:
-        grants = [f"GRANT {p} ON {table} TO {user};" for p, _ in _NEEDED if p in missing]
+        grants = [f"GRANT {p} ON {table} TO {user};" for p in _NEEDED if p in missing]
         return Finding("postgresql", "privileges", "problem", f"{user} lacks {', '.join(missing)}",
                        " ".join(grants) or f"grant them to {user}")
     return Finding("postgresql", "privileges", "ok", f"{user} may read and write {table}")
-
-
-def _pg(e: psycopg.Error) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # --------------------------------------------------------------------------- output

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from sink.catalog import scalar
 from sink.settings import Settings
 
 TABLE = "iot_measurements"
@@ -237,7 +238,7 @@ def reconcile(conn: psycopg.Connection[Any], schema: str, p: TimescalePolicies) 
                              _table_jobs(conn, schema, "policy_retention", "drop_after", p.retention),
                              p.retention, lambda v: add_retention_policy_sql(schema, v),
                              remove_retention_policy_sql(schema))
-    if _scalar(conn, "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
+    if scalar(conn, "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
                      " WHERE view_schema = %s AND view_name = %s", [schema, HOURLY_VIEW]):
         changes += reconcile_job(conn, "hourly_refresh", _refresh_jobs(conn, schema, p), p.refresh_interval,
                                  lambda _: add_refresh_policy_sql(schema, p), remove_refresh_policy_sql(schema))
@@ -292,8 +293,3 @@ def reconcile_job(
     if want is not None:
         conn.execute(add(want))
     return [PolicyChange(policy, want if want is not None else "off")]
-
-
-def _scalar(conn: psycopg.Connection[Any], query: str, params: list[Any] | None = None) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return None if row is None else row[0]
