@@ -52,7 +52,7 @@ class TransactionalOutbox:
         try:
             self._producer.init_transactions(timeout)
         except KafkaException as e:
-            raise classify_kafka_error(kafka_error(e), "init_transactions") from e
+            raise classify_kafka_error(e, "init_transactions") from e
 
     def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
         if not outputs and not offsets:
@@ -152,7 +152,7 @@ class PlainOutbox:
             try:
                 _produce(self._producer, topic, rec, batch.on_ack(i))
             except KafkaException as e:  # refused before queueing, e.g. larger than message.max.bytes
-                raise classify_kafka_error(kafka_error(e), "replay_produce") from e
+                raise classify_kafka_error(e, "replay_produce") from e
             batch.mark_queued(i)
         # Step 2.
         if batch.outputs:

@@ -344,19 +344,16 @@ class Replayer:
         fields = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "fate": str(fate),
                   "original_topic": info.topic, "original_partition": info.partition,
                   "original_offset": info.offset, "dlq_attempt": info.attempt, "dry_run": self.opts.dry_run}
-        if fate is Fate.FAILED_AGAIN and item.rejection is not None and not self.opts.dry_run:
-            rej = item.rejection
-            # Failures always show (as the sink's record_rejected does); the rest, and a dry run's
-            # (its report counts them), only at DEBUG: a replay of a large DLQ would otherwise
-            # drown its own summary.
-            log.warning("dlq_record_replayed", stage=rej.stage, error_class=rej.error_class, reason=rej.message,
-                        to_dlq=to_dlq, **fields)
-        elif item.rejection is not None:
-            rej = item.rejection
-            log.debug("dlq_record_replayed", stage=rej.stage, error_class=rej.error_class, reason=rej.message,
-                      to_dlq=to_dlq, **fields)
-        else:
+        rej = item.rejection
+        if rej is None:
             log.debug("dlq_record_replayed", error_class=info.error_class, stage=info.stage, **fields)
+            return
+        # Failures always show (as the sink's record_rejected does); the rest, and a dry run's
+        # (its report counts them), only at DEBUG: a replay of a large DLQ would otherwise drown
+        # its own summary.
+        loud = fate is Fate.FAILED_AGAIN and not self.opts.dry_run
+        (log.warning if loud else log.debug)("dlq_record_replayed", stage=rej.stage, error_class=rej.error_class,
+                                             reason=rej.message, to_dlq=to_dlq, **fields)
 
     def _retry(self, cause: str, fn: Callable[[], T]) -> T:
         return retry(self.opts.retry, cause, fn, self._sleep)

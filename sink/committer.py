@@ -368,7 +368,7 @@ class PlainCommitter:
                 produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key,
                                 headers=list(rec.headers), on_delivery=on_ack(origin))
             except KafkaException as e:
-                raise classify_kafka_error(kafka_error(e), "dlq_publish") from e
+                raise classify_kafka_error(e, "dlq_publish") from e
         if dlq:
             left = self._producer.flush(self._timeout)
             if left:

@@ -130,7 +130,7 @@ def _bare(rej: Rejection, fault: Rejection) -> DlqRecord:
     and the fault; its own headers are left out (the original still has them)."""
     rec = rej.record
     ours = _failure_headers(fault, rec.topic, rec.partition, rec.offset, datetime.now(UTC), 1)
-    return DlqRecord(rec.key, rec.value, (*ours, (H_UNREADABLE, b"left out: the envelope failed"), (H_OWN, b"0")))
+    return DlqRecord(rec.key, rec.value, (*ours, (H_OWN, b"0")))
 
 
 def record_bytes(rec: DlqRecord) -> int:
@@ -191,8 +191,8 @@ def parse_headers(headers: Headers | list[tuple[str, bytes | None]] | None) -> D
     """Read our headers back (the record's own are not looked at); missing or malformed ones
     become None; where a name repeats, the last one counts."""
     h: dict[str, str] = {}
-    for k, v in split_headers(headers)[1]:
-        if k.startswith(_OURS) and v is not None:
+    for k, v in split_headers(headers)[1]:  # only ours, whichever way they were told apart
+        if v is not None:
             h[k] = v.decode("utf-8", errors="replace")
 
     def num(name: str) -> int | None:

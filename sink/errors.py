@@ -51,8 +51,6 @@ class FatalError(SinkError):
     """Stop the service; the message is shown to the operator as is."""
 
 
-
-
 def record_fault(record: SourceRecord, stage: str, exc: Exception) -> Rejection:
     """The rejection for a record whose content made `stage` raise `exc` unexpectedly, with an
     ``error`` log line carrying the traceback.  Re-raises MemoryError: the process is in
