@@ -6,18 +6,14 @@ the Protocols below are swapped for in-memory fakes in tests/test_pipeline.py.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from tenacity import RetryCallState
 
 from sink.batcher import Batch, Batcher, Clock
-from sink.bisect import write_isolating_poison
 from sink.breaker import DlqBreaker, DlqBreakerPolicy
 from sink.commit_policy import CommitPolicy, CommitPolicyState
 from sink.decode import decode_many
@@ -26,11 +22,11 @@ from sink.errors import FatalError, RetryableError, SinkError, retry_log_fields
 from sink.health import HealthState
 from sink.logs import get_logger
 from sink.metrics import Metrics
-from sink.model import Row
 from sink.retry import RetryPolicy, retrying
 from sink.settings import Settings
-from sink.types import Rejection, SourceRecord, WriteResult
+from sink.types import Rejection, SourceRecord
 from sink.watchdog import Watchdog
+from sink.write_stage import BatchState, InFlight, Writer, WriteStage, Written
 
 log = get_logger("sink.pipeline")
 
@@ -53,18 +49,6 @@ class Source(Protocol):
     def resume(self) -> None: ...
 
     def assignment(self) -> set[TP]: ...
-
-
-class Writer(Protocol):
-    @property
-    def connected(self) -> bool: ...
-
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult: ...
-
-    def keepalive(self) -> None: ...
-
-    def check(self) -> bool: ...
 
 
 class Committer(Protocol):
@@ -98,47 +82,8 @@ class PipelineConfig:
                    shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval)
 
 
-# A batch waiting for the one before it is idle in a transaction (after its COPY, before its
-# INSERT); the writer's idle_in_transaction_session_timeout (20 s) would end its session if the
-# previous INSERT took longer (a slow database: statement_timeout allows 120 s).
-WAIT_KEEPALIVE_S = 5.0
-
-
-def wait_keeping_alive(done: threading.Event, writer: Writer, every: float = WAIT_KEEPALIVE_S) -> None:
-    """Wait for `done`, with a keepalive on the writer's open transaction every `every` seconds."""
-    while not done.wait(every):
-        writer.keepalive()
-
-
 class ShutdownExpired(Exception):
     """Stop was requested and the current batch could not be finished in time."""
-
-
-@dataclass
-class _Written:
-    result: WriteResult
-    rejections: list[Rejection]
-    duplicate_sources: list[SourceRecord]
-
-
-@dataclass(frozen=True)
-class _Writing:
-    """A batch in step 1: its first write attempt runs in a writer thread."""
-
-    batch: Batch
-    writer: Writer
-    future: Future[tuple[_Written, float]]
-    started: float
-    inserted: threading.Event  # its rows are in the table (uncommitted), or its write ended
-
-
-@dataclass(frozen=True)
-class _Done:
-    """A batch through step 1: its rows are committed in PostgreSQL."""
-
-    batch: Batch
-    written: _Written
-    write_s: float
 
 
 class Pipeline:
@@ -156,22 +101,15 @@ class Pipeline:
         self._clock = clock
         self.watchdog = watchdog or Watchdog(cfg.commit_deadline)
         self.batcher = Batcher(cfg.batch_size, cfg.batch_timeout, clock)
-        # Batches taken from the batcher and not yet committed: the one in step 1 in the writer
-        # thread, and those through step 2 waiting for the Kafka commit (their rows released:
-        # only offsets and rejections are kept, for at most commit_interval).
-        self._inflight: list[Batch] = []
-        self._pending: list[tuple[Batch, list[Rejection]]] = []
+        # Every batch taken from the batcher and not yet committed, oldest first, with its state:
+        # in the write stage (step 1), or through step 2 waiting for the Kafka commit (its rows
+        # released: only offsets and rejections are kept, for at most commit_interval).
+        self._inflight: list[InFlight] = []
         self._commits = CommitPolicyState(CommitPolicy(cfg.commit_interval), clock)
-        # Batches in step 1 (the database write), oldest first, each in a writer thread on its
-        # own connection, while this thread consumes and decodes the next one and commits the
-        # previous ones.  With a spare writer two batches overlap: the second one's COPY into
-        # its stage runs while the first one inserts, and its INSERT starts once the first
-        # one's INSERT went through (the first then only fetches and commits: it waits on
-        # nothing, so the two never wait on each other's rows) or its write ended.
-        self._writers: list[Writer] = [writer] if spare_writer is None else [writer, spare_writer]
-        self._next_writer = 0
-        self._writing: list[_Writing] = []
-        self._write_thread = ThreadPoolExecutor(len(self._writers), thread_name_prefix="sink-write")
+        # Step 1 in writer threads (one per connection: a spare writer overlaps two batches),
+        # while this thread consumes and decodes the next batch and commits the previous ones.
+        writers = [writer] if spare_writer is None else [writer, spare_writer]
+        self._writes = WriteStage(writers, cfg.topic, cfg.max_splits, clock)
         self._held: list[SourceRecord] = []
         self._stop_requested = False
         self._stop_logged = False
@@ -180,6 +118,10 @@ class Pipeline:
         self._last_gauges = 0.0
         self._committed: dict[TP, int] = {}
         source.set_rebalance_listener(self.on_assign, self.on_revoke)
+
+    def in_flight(self) -> list[BatchState]:
+        """The states of the batches taken from the batcher and not yet committed, oldest first."""
+        return [item.state for item in self._inflight]
 
     # ------------------------------------------------------------------ control
 
@@ -227,12 +169,11 @@ class Pipeline:
             self._commit_pending()
             return
         due = self.batcher.due()
-        full = len(self._writing) == len(self._writers)
-        if self._writing and (self._writing[0].future.done() or (due and full)):
-            written = self._await_write()  # step 1 of the oldest batch (retried here if it failed)
+        if self._writes.ready() or (due and self._writes.full):
+            item, written = self._await_write()  # step 1 of the oldest batch (retried here if it failed)
             if due:
                 self._start(self.batcher.take())  # step 1 of the next batch begins before the commit
-            self._complete(written)
+            self._complete(item, written)
             return
         if due:
             self._start(self.batcher.take())
@@ -241,10 +182,10 @@ class Pipeline:
         self.batcher.add_all(records, decode_many(records))
         if records:
             self.metrics.consumed.inc(len(records))
-        elif (not self._writing and not len(self.batcher.batch)
+        elif (not self._writes.busy and not len(self.batcher.batch)
               and self._clock() - self._last_db_activity > self.cfg.idle_db_check):
             self._last_db_activity = self._clock()
-            self.health.db_ok = self.writer.check()
+            self.health.db_ok = self._writes.check()
             self.metrics.db_connected.set(self.health.db_ok)
 
     def _next_records(self) -> list[SourceRecord]:
@@ -254,7 +195,7 @@ class Pipeline:
             self._commits.consumed(caught_up=False)
             return out
         timeout = self.cfg.poll_timeout
-        if self._writing:
+        if self._writes.busy:
             timeout = min(timeout, 0.005)  # come back soon to commit what the writer finished
         timeout = min(timeout, self._commits.time_left())
         if len(self.batcher.batch):
@@ -264,8 +205,8 @@ class Pipeline:
         return records
 
     def _drain(self) -> None:
-        while self._writing:
-            self._complete(self._await_write())
+        while self._writes.busy:
+            self._complete(*self._await_write())
         while self._held:
             records = self._next_records()
             self.batcher.add_all(records, decode_many(records))
@@ -273,7 +214,7 @@ class Pipeline:
                 self._flush(self.batcher.take())
         if len(self.batcher.batch):
             self._flush(self.batcher.take())
-        if self._pending:
+        if self._committing():
             self._commit_pending()
 
     # ------------------------------------------------------------------ the guarantee
@@ -281,49 +222,30 @@ class Pipeline:
     def _flush(self, batch: Batch) -> None:
         """All of _complete's steps for one batch, with nothing else in flight."""
         self._start(batch)
-        self._complete(self._await_write())
+        self._complete(*self._await_write())
 
     def _start(self, batch: Batch) -> None:
-        """Step 1 of _complete's list in a writer thread: its first attempt at the write."""
-        assert len(self._writing) < len(self._writers)
-        # Round robin, oldest awaited first: the writer taken is the one whose batch finished.
-        writer = self._writers[self._next_writer]
-        self._next_writer = (self._next_writer + 1) % len(self._writers)
-        before = self._writing[-1].inserted if self._writing else None
-        inserted = threading.Event()
-        self._inflight.append(batch)
-        started = self._clock()
+        """Step 1 of _complete's list in the write stage: its first attempt at the write."""
+        item = InFlight(batch)
+        self._inflight.append(item)
+        self._writes.submit(item)
 
-        def write() -> tuple[_Written, float]:
-            try:
-                return self._write(batch, writer, before, inserted), self._clock() - started
-            finally:
-                inserted.set()
-
-        self._writing.append(_Writing(batch, writer, self._write_thread.submit(write), started, inserted))
-
-    def _await_write(self) -> _Done:
-        """Step 1 of _complete's list, finished: the writer thread's outcome, or retries here."""
-        w = self._writing.pop(0)
-        batch, writer, started = w.batch, w.writer, w.started
-        threaded = [w.future]
-
-        def attempt() -> tuple[_Written, float]:
-            if threaded:  # attempt 1 ran in the writer thread: its outcome, or its error to retry
-                return threaded.pop().result()
-            return self._write(batch, writer, None, None), self._clock() - started
-
+    def _await_write(self) -> tuple[InFlight, Written]:
+        """Step 1 of _complete's list, finished: the write stage's outcome, or retries here."""
+        item = self._writes.oldest
         try:
             # Attempts after the first run here, with consumption paused.
-            written, write_s = self._retry("db_write", attempt)
+            written = self._writes.result(lambda attempt: self._retry("db_write", attempt))
         except BaseException:
-            self._forget(batch)
+            self._forget(item)
             raise
         self._last_db_activity = self._clock()
+        self.health.db_ok = True
+        self.metrics.db_connected.set(1)
         self._resume()  # retries paused consumption
-        return _Done(batch, written, write_s)
+        return item, written
 
-    def _complete(self, done: _Done) -> None:
+    def _complete(self, item: InFlight, written: Written) -> None:
         """Make a batch durable, then commit its offsets.  The order is the guarantee:
 
         1. Write the batch's valid rows to PostgreSQL in one transaction (INSERT ... ON CONFLICT
@@ -344,12 +266,12 @@ class Pipeline:
         already being written, a written batch waits up to commit_interval for the batches
         after it, so a busy sink makes a few Kafka transactions per second, not one per batch.
         """
-        batch, written, write_s = done.batch, done.written, done.write_s
+        batch = item.batch
         committing = False
         try:
             # Step 1 is done (_start, _await_write): the rows are committed in PostgreSQL.
             rejections = batch.rejections + written.rejections
-            self._log_written(batch, written, write_s, len(rejections))
+            self._log_written(batch, written, len(rejections))
             # Step 2.
             reason = self.breaker.feed(_outcomes(batch, rejections))
             self.metrics.dlq_share.set(self.breaker.dlq_share)
@@ -362,11 +284,12 @@ class Pipeline:
                 self._log_rejected(rej)
             batch.release_rows()  # written: from here on only its offsets and rejections count
             self._commits.written()
-            self._pending.append((batch, rejections))
+            item.rejections = rejections
+            item.state = BatchState.COMMITTING
             committing = True
         finally:
             if not committing:
-                self._forget(batch)
+                self._forget(item)
         if self._commits.due():
             self._commit_pending()
 
@@ -374,7 +297,7 @@ class Pipeline:
         """Leaving early (shutdown timeout, fatal error): the batches already through step 2 are
         durable in the database, so commit them, once, not retried; whatever fails here is
         re-read on the next start and absorbed by ON CONFLICT."""
-        if not self._pending:
+        if not self._committing():
             return
         try:
             self._commit_pending(retry=False)
@@ -383,7 +306,7 @@ class Pipeline:
 
     def _commit_pending(self, retry: bool = True) -> None:
         """Steps 3 and 4 of _complete's list for every batch through step 2, in one commit."""
-        pending, self._pending = self._pending, []
+        pending = self._committing()
         self._commits.committed()
         try:
             # Against whatever is still ours at each attempt: a revoke drops partitions from the batches.
@@ -395,64 +318,35 @@ class Pipeline:
             self.metrics.commit_seconds.observe(self._clock() - t1)
             self.metrics.committed()
             latency_ms = round((self._clock() - t1) * 1000, 1)
-            for batch, rejections in pending:
+            for item in pending:
+                batch = item.batch
                 self._committed.update(batch.commit_offsets())
                 if batch.ranges:
                     log.info("batch_committed", topic=self.cfg.topic, batch_id=batch.batch_id,
                              offsets=_offset_ranges(batch), latency_ms=latency_ms)
-                for rej in _still_ours(batch, rejections):
+                for rej in _still_ours(item):
                     self.metrics.dlq.labels(error_class=rej.error_class, stage=rej.stage).inc()
         finally:
-            for batch, _ in pending:
-                self._forget(batch)
+            for item in pending:
+                self._forget(item)
         self._resume()
+
+    def _committing(self) -> list[InFlight]:
+        return [item for item in self._inflight if item.state is BatchState.COMMITTING]
 
     def _resume(self) -> None:
         self.source.resume()
         self.metrics.paused.set(0)
 
-    def _forget(self, batch: Batch) -> None:
-        self._inflight = [b for b in self._inflight if b is not batch]  # identity: Batch compares by value
+    def _forget(self, item: InFlight) -> None:
+        self._inflight = [i for i in self._inflight if i is not item]
 
-    def _write(self, batch: Batch, writer: Writer, after: threading.Event | None,
-               rows_in: threading.Event | None) -> _Written:
-        """Step 1 for one batch.  With `after` (the previous batch's), its rows go into the stage
-        at once and into the table once the previous batch's rows are in; `rows_in` is set
-        when this batch's whole-batch INSERT went through.  A batch that bisects around poison
-        sets it only when its write has ended (_start): its later INSERTs must not wait on
-        the next batch's rows while that one waits on theirs."""
-        rows, sources = batch.rows, batch.row_sources
-        if not rows:
-            return _Written(WriteResult(0, 0), [], [])
-        calls = [0]
-
-        def wait_previous() -> None:
-            if after is not None:
-                wait_keeping_alive(after, writer)
-
-        def write(part: Sequence[Row]) -> WriteResult:
-            calls[0] += 1
-            signal = rows_in.set if rows_in is not None and calls[0] == 1 else None
-            return writer.write(part, wait_previous, signal)
-
-        iso = write_isolating_poison(rows, write, self.cfg.max_splits)
-        self.health.db_ok = True
-        self.metrics.db_connected.set(1)
-        inserted = sum(r.inserted for _, _, r in iso.written)
-        insert_s = sum(r.insert_s for _, _, r in iso.written)
-        dup_sources = [sources[start + i] for start, _, r in iso.written for i in r.duplicate_indexes]
-        rejections = [Rejection(sources[i], "write", e.error_class, e.message, e.sqlstate) for i, e in iso.poison]
-        if iso.poison:
-            log.warning("poison_isolated", topic=self.cfg.topic, batch_id=batch.batch_id, rows=len(rows),
-                        dlq=len(iso.poison), writes=iso.writes)
-        return _Written(WriteResult(inserted, len(dup_sources), insert_s=insert_s), rejections, dup_sources)
-
-    def _commit(self, pending: list[tuple[Batch, list[Rejection]]]) -> None:
+    def _commit(self, pending: list[InFlight]) -> None:
         envelopes: list[DlqRecord] = []
         offsets: dict[TP, int] = {}
-        for batch, rejections in pending:
-            envelopes.extend(map(to_dlq_record, _still_ours(batch, rejections)))
-            for tp, offset in batch.commit_offsets().items():
+        for item in pending:
+            envelopes.extend(map(to_dlq_record, _still_ours(item)))
+            for tp, offset in item.batch.commit_offsets().items():
                 offsets[tp] = max(offset, offsets.get(tp, offset))
         with self.watchdog.guard("kafka_commit"):
             self.committer.complete(envelopes, offsets)
@@ -506,25 +400,23 @@ class Pipeline:
 
     def on_revoke(self, tps: list[TP]) -> None:
         """Drop what we hold of revoked partitions: no offset is committed for rows not written."""
-        if self._writing:
-            wait_futures([w.future for w in self._writing])  # writer threads read the batches: let them finish
+        self._writes.settle()  # writer threads read the batches: let them finish
         gone = set(tps)
         for tp in gone:
             self._committed.pop(tp, None)
             self.metrics.forget_partition(*tp)
         # What is dropped, per partition, so `logs search --record` can say "discarded": not the
         # batches already written (their rows are in; only their commit is left to the new owner).
-        written = {id(b) for b, _ in self._pending}
-        written.update(id(w.batch) for w in self._writing if w.future.done() and w.future.exception() is None)
+        unwritten = [item.batch for item in self._inflight if item.state is BatchState.WRITING]
         offsets: dict[str, list[int]] = {}
-        for batch in (*(b for b in self._inflight if id(b) not in written), self.batcher.batch):
+        for batch in (*unwritten, self.batcher.batch):
             for tp, (first, last) in batch.ranges.items():
                 if tp in gone:
                     old = offsets.get(str(tp[1]))
                     offsets[str(tp[1])] = [min(first, old[0]), max(last, old[1])] if old else [first, last]
         dropped = self.batcher.drop_partitions(gone)
-        for batch in self._inflight:
-            dropped += batch.drop_partitions(gone)
+        for item in self._inflight:
+            dropped += item.batch.drop_partitions(gone)
         held = len(self._held)
         self._held = [r for r in self._held if (r.topic, r.partition) not in gone]
         dropped += held - len(self._held)
@@ -534,8 +426,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ logs and gauges
 
-    def _log_written(self, batch: Batch, w: _Written, write_s: float, dlq: int) -> None:
-        r = w.result
+    def _log_written(self, batch: Batch, w: Written, dlq: int) -> None:
+        r, write_s = w.result, w.seconds
         self.metrics.batches.inc()
         self.metrics.batch_rows.observe(len(batch))
         self.metrics.write_seconds.observe(write_s)
@@ -574,9 +466,10 @@ def _offset_ranges(batch: Batch) -> dict[str, list[int]]:
     return {str(p): list(r) for (_, p), r in sorted(batch.ranges.items())}
 
 
-def _still_ours(batch: Batch, rejections: list[Rejection]) -> list[Rejection]:
+def _still_ours(item: InFlight) -> list[Rejection]:
     """The rejections of partitions still assigned: a revoke drops partitions from batch.ranges."""
-    return [r for r in rejections if (r.record.topic, r.record.partition) in batch.ranges]
+    ranges = item.batch.ranges
+    return [r for r in item.rejections if (r.record.topic, r.record.partition) in ranges]
 
 
 def _outcomes(batch: Batch, rejections: list[Rejection]) -> list[bool]:

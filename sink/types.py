@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 Headers = tuple[tuple[str, bytes | None], ...]
 
@@ -57,3 +58,12 @@ class WriteResult:
     # Seconds in the INSERT statement (the database's work and its result): the rest of a write
     # is the client's (COPY into the stage, waiting for the previous batch, commit).
     insert_s: float = 0.0
+
+
+class InsertTurn(Protocol):
+    """A batch's place in the order of INSERTs when batches are written side by side: the writer
+    waits for its turn between its COPY and its INSERT, and says when its INSERT went through."""
+
+    def wait(self, keepalive: Callable[[], None]) -> None: ...
+
+    def passed(self) -> None: ...

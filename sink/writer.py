@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from operator import itemgetter
 from typing import Any
@@ -15,7 +15,7 @@ from psycopg import sql
 from sink.errors import FatalError, SinkError, classify_db_error
 from sink.logs import get_logger
 from sink.model import COLUMNS, PRIMARY_KEY, Row
-from sink.types import WriteResult
+from sink.types import InsertTurn, WriteResult
 
 log = get_logger("sink.writer")
 _INT4_OID = 23
@@ -161,12 +161,11 @@ class PgWriter:
             raise FatalError(f"table {self.table} lacks column(s) {missing} of the model: a migration is missing")
         return [int(found[c]) for c in self.columns]
 
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
         """Write rows in one transaction.  Raises RetryableError, PoisonError or FatalError.
 
-        before_insert runs between the COPY into the stage and the INSERT, after_insert once
-        the INSERT succeeded (before the commit): the pipeline orders two batches' INSERTs there."""
+        With a turn (the write stage's, batches written side by side) the INSERT waits for it
+        after the COPY into the stage, and passes it on once it succeeded (before the commit)."""
         if not rows:
             return WriteResult(0, 0)
         self.connect()
@@ -178,13 +177,13 @@ class PgWriter:
                     copy.set_types(self._types)
                     for i, row in enumerate(rows):
                         copy.write_row((*row, i))
-                if before_insert is not None:
-                    before_insert()
+                if turn is not None:
+                    turn.wait(self._keepalive)
                 t0 = time.perf_counter()
                 cur.execute(self._insert_sql, binary=True)
                 insert_s = time.perf_counter() - t0
-                if after_insert is not None:
-                    after_insert()
+                if turn is not None:
+                    turn.passed()
                 # rowcount is the number of returned rows.  All of them: no repeats, nothing to
                 # match (most batches outside the bench), and the keys are not turned into Python
                 # objects (a quarter of the client's CPU per row of such a write).
@@ -198,10 +197,10 @@ class PgWriter:
             return WriteResult(inserted=len(rows), duplicates=0, insert_s=insert_s)
         return replace(classify_duplicates(rows, returned, self._pk_index), insert_s=insert_s)
 
-    def keepalive(self) -> None:
-        """A no-op statement in the open transaction, from within write()'s before_insert: a
-        batch waiting there for the one before it is idle in a transaction, and the server ends
-        such a session after idle_in_transaction_session_timeout."""
+    def _keepalive(self) -> None:
+        """A no-op statement in the open transaction, while write() waits for its turn: a batch
+        waiting there for the one before it is idle in a transaction, and the server ends such a
+        session after idle_in_transaction_session_timeout."""
         if self._conn is not None:
             self._conn.execute("SELECT 1")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from sink.errors import PoisonError, RetryableError
 from sink.model import Row
-from sink.types import WriteResult
+from sink.types import InsertTurn, WriteResult
 
 TP = tuple[str, int]
 
@@ -36,7 +36,6 @@ class TableWriter:
         self.poison: Callable[[Row], bool] = lambda row: False
         self.insert_s = 0.0  # what each write says its INSERT took
         self.calls: list[int] = []  # rows per write call
-        self.keepalives = 0
 
     @property
     def writes(self) -> int:
@@ -49,14 +48,10 @@ class TableWriter:
     def check(self) -> bool:
         return True
 
-    def keepalive(self) -> None:
-        self.keepalives += 1
-
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
         self.calls.append(len(rows))
-        if before_insert is not None:
-            before_insert()
+        if turn is not None:
+            turn.wait(lambda: None)
         if self.fail_next:
             self.fail_next -= 1
             raise RetryableError("db_write", "connection refused")
@@ -69,8 +64,8 @@ class TableWriter:
             else:
                 self.rows[r[:5]] = r
         self.events.append(f"write:{len(rows)}")
-        if after_insert is not None:
-            after_insert()
+        if turn is not None:
+            turn.passed()
         return WriteResult(len(rows) - len(dups), len(dups), tuple(dups), insert_s=self.insert_s)
 
 

@@ -17,7 +17,8 @@ from sink.errors import FatalError, RetryableError
 from sink.model import Row
 from sink.pipeline import Pipeline, PipelineConfig
 from sink.retry import RetryPolicy
-from sink.types import SourceRecord, WriteResult
+from sink.types import InsertTurn, SourceRecord, WriteResult
+from sink.write_stage import BatchState
 from tests.fakes import ManualClock, TableWriter
 
 TOPIC = "in"
@@ -115,7 +116,7 @@ def run_until(p: Pipeline, cond: Callable[[], bool], max_steps: int = 10_000) ->
     """Step until cond(); max_steps bounds the loop while nothing runs beside it, 30 s of real
     time while writer threads do (the manual clock does not wait for them)."""
     deadline, steps = time.monotonic() + 30, 0
-    while steps < max_steps or ((p._writing or p._pending) and time.monotonic() < deadline):
+    while steps < max_steps or (p.in_flight() and time.monotonic() < deadline):
         if cond():
             return
         p.step()
@@ -319,10 +320,9 @@ def test_written_batches_wait_at_most_the_commit_interval() -> None:
     commits = committing_only_written_rows(committer, writer)
     inner = writer.write
 
-    def slow_write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-                   after_insert: Callable[[], None] | None = None) -> WriteResult:
+    def slow_write(rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
         clock.now += 0.2  # each write takes 0.2 s
-        return inner(rows, before_insert, after_insert)
+        return inner(rows, turn)
 
     writer.write = slow_write  # type: ignore[method-assign]
     run_until(p, lambda: committer.offsets.get((TOPIC, 0)) == 100)
@@ -344,20 +344,19 @@ class TimedWriter(TableWriter):
         super().__init__([])
         self.marks = marks
 
-    def write(self, rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
         first = rows[0][5] if rows else -1
         self.marks.append(("copy", first))
         time.sleep(0.005)
-        if before_insert is not None:
-            before_insert()
+        if turn is not None:
+            turn.wait(lambda: None)
         self.marks.append(("insert", first))
         time.sleep(0.01)
         try:
             result = super().write(rows)
             self.marks.append(("inserted", first))
-            if after_insert is not None:
-                after_insert()
+            if turn is not None:
+                turn.passed()
             time.sleep(0.005)  # fetch + commit
             return result
         finally:
@@ -408,19 +407,22 @@ def failing_from(writer: TableWriter, value: float) -> None:
     """From the batch holding the row with this value on, every write fails (a database gone)."""
     inner = writer.write
 
-    def write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
         if any(r[5] >= value for r in rows):
             raise RetryableError("db_write", "connection refused")
-        return inner(rows, before_insert, after_insert)
+        return inner(rows, turn)
 
     writer.write = write  # type: ignore[method-assign]
+
+
+def one_written_one_writing(p: Pipeline) -> bool:
+    return {BatchState.COMMITTING, BatchState.WRITING} <= set(p.in_flight())
 
 
 def test_stop_timing_out_on_a_write_still_commits_the_batches_already_written() -> None:
     p, _, writer, committer, _, _ = make([rec(0, i, good(i)) for i in range(20)], shutdown_timeout=5.0)
     failing_from(writer, 10.0)  # the second batch never gets in
-    run_until(p, lambda: bool(p._pending and p._writing))  # the first is written, the second on its way
+    run_until(p, lambda: one_written_one_writing(p))  # the first is written, the second on its way
     p.request_stop()
     p.run()  # returns: ShutdownExpired is logged, not raised
     assert committer.offsets == {(TOPIC, 0): 10}
@@ -446,10 +448,9 @@ def test_gauges_and_readiness_follow_the_broker_through_a_database_outage() -> N
     seen: list[bool] = []
     inner = writer.write
 
-    def write(rows: Sequence[Row], before_insert: Callable[[], None] | None = None,
-              after_insert: Callable[[], None] | None = None) -> WriteResult:
+    def write(rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
         seen.append(p.health.broker_ok)
-        return inner(rows, before_insert, after_insert)
+        return inner(rows, turn)
 
     writer.write = write  # type: ignore[method-assign]
 
@@ -469,7 +470,7 @@ def test_a_revoke_does_not_call_a_written_batch_discarded() -> None:
     p, source, _, _, _, _ = make(records)
     # Partition 0's first batch written (not committed), partition 1's being written, and
     # partition 0's next records in the open batch.
-    run_until(p, lambda: bool(p._pending and p._writing and len(p.batcher.batch)))
+    run_until(p, lambda: one_written_one_writing(p) and len(p.batcher.batch) > 0)
     with capture_logs() as logs:
         source.revoke([(TOPIC, 0)])
     (discarded,) = [e for e in logs if e["event"] == "batch_discarded"]
@@ -493,7 +494,7 @@ def test_a_revoke_does_not_call_a_batch_whose_write_just_ended_discarded() -> No
                + [rec(1, i, good(100 + i)) for i in range(10, 15)])
     p, source, _, _, _, _ = make(records)
     # Partition 1's first batch in the writer (on_revoke waits for it to end), its next records open.
-    run_until(p, lambda: bool(p._writing and len(p.batcher.batch)))
+    run_until(p, lambda: BatchState.WRITING in p.in_flight() and len(p.batcher.batch) > 0)
     with capture_logs() as logs:
         source.revoke([(TOPIC, 1)])
     (discarded,) = [e for e in logs if e["event"] == "batch_discarded"]

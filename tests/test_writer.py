@@ -17,7 +17,7 @@ from sink import writer as writer_module
 from sink.errors import RetryableError
 from sink.migrations import migrate
 from sink.model import COLUMNS, PRIMARY_KEY
-from sink.pipeline import wait_keeping_alive
+from sink.write_stage import Turn
 from sink.writer import PgWriter
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_servers]
@@ -101,13 +101,13 @@ def test_a_write_waiting_for_the_previous_batch_keeps_its_session(schema: str, m
         threading.Timer(seconds, done.set).start()
         return done
 
-    done = previous_batch_in_after(2.5)
-    assert w.write(rows, lambda: wait_keeping_alive(done, w, every=0.3)).inserted == len(set(
+    turn = Turn(previous_batch_in_after(2.5), every=0.3)
+    assert w.write(rows, turn).inserted == len(set(
         tuple(r[j] for j in PK) for r in rows))
     # Without the keepalives the server ends the session: a retryable error, the batch retried.
-    done = previous_batch_in_after(2.5)
+    turn = Turn(previous_batch_in_after(2.5), every=60.0)
     with pytest.raises(RetryableError):
-        w.write(rows, done.wait)
+        w.write(rows, turn)
     w.close()
 
 

@@ -1,0 +1,198 @@
+"""Step 1 of the guarantee off the loop's thread: batches written by writer threads, in order.
+
+The loop submits a batch, asks whether the oldest one is ready, and takes its result; meanwhile
+it consumes and decodes the next batch and commits the previous ones.  With two writers (each
+on its own connection) two batches overlap: the second one's COPY into its stage runs while the
+first one inserts, and its INSERT starts once the first one's INSERT went through (the first
+then only fetches and commits: it waits on nothing, so the two never wait on each other's rows)
+or its write ended.  Results come back in submission order; an attempt that failed is retried
+by the caller, on its own thread, through the retry it passes to result().
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from sink.batcher import Batch, Clock
+from sink.bisect import write_isolating_poison
+from sink.logs import get_logger
+from sink.model import Row
+from sink.types import InsertTurn, Rejection, SourceRecord, WriteResult
+
+log = get_logger("sink.write_stage")
+
+# A batch waiting for the one before it is idle in a transaction (after its COPY, before its
+# INSERT); the writer's idle_in_transaction_session_timeout (20 s) would end its session if the
+# previous INSERT took longer (a slow database: statement_timeout allows 120 s).
+WAIT_KEEPALIVE_S = 5.0
+
+
+class Writer(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult: ...
+
+    def check(self) -> bool: ...
+
+
+class BatchState(Enum):
+    """Where a batch taken from the batcher stands; it leaves the in-flight queue when its
+    offsets are committed or it is given up (a fatal error, or every partition revoked)."""
+
+    WRITING = "writing"        # step 1, in the write stage
+    WRITTEN = "written"        # step 1 done: its rows are committed in PostgreSQL
+    COMMITTING = "committing"  # through step 2: waits for steps 3-4, the Kafka commit
+
+
+@dataclass(eq=False)
+class InFlight:
+    """One batch between the batcher and its Kafka commit (identity: Batch compares by value)."""
+
+    batch: Batch
+    state: BatchState = BatchState.WRITING
+    rejections: list[Rejection] = field(default_factory=list)  # decode and write, set by step 2
+
+
+@dataclass
+class Written:
+    """Step 1's outcome for one batch."""
+
+    result: WriteResult
+    rejections: list[Rejection]
+    duplicate_sources: list[SourceRecord]
+    seconds: float = 0.0  # from submission to the end of the successful attempt
+
+
+class Turn:
+    """A batch's place in the order of INSERTs: its INSERT waits for the previous batch's
+    (keeping its own open transaction alive meanwhile), and lets the next batch's go."""
+
+    def __init__(self, previous: threading.Event | None, every: float = WAIT_KEEPALIVE_S) -> None:
+        self._previous = previous
+        self._every = every
+        self.done = threading.Event()
+
+    def wait(self, keepalive: Callable[[], None]) -> None:
+        if self._previous is not None:
+            while not self._previous.wait(self._every):
+                keepalive()
+
+    def passed(self) -> None:
+        self.done.set()
+
+    def again(self) -> Turn:
+        """The same wait for a further write of the batch (bisection), whose INSERT lets nobody go."""
+        return Turn(self._previous, self._every)
+
+
+@dataclass(frozen=True)
+class _Task:
+    item: InFlight
+    writer: Writer
+    future: Future[Written]
+    started: float
+
+
+class WriteStage:
+    def __init__(self, writers: Sequence[Writer], topic: str, max_splits: int, clock: Clock = time.monotonic) -> None:
+        self._writers = list(writers)
+        self._topic = topic
+        self._max_splits = max_splits
+        self._clock = clock
+        self._next_writer = 0
+        self._tasks: deque[_Task] = deque()
+        self._last_turn: Turn | None = None
+        self._threads = ThreadPoolExecutor(len(self._writers), thread_name_prefix="sink-write")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    @property
+    def full(self) -> bool:
+        return len(self._tasks) == len(self._writers)
+
+    @property
+    def oldest(self) -> InFlight:
+        return self._tasks[0].item
+
+    def ready(self) -> bool:
+        """Has the oldest batch's first attempt ended?"""
+        return bool(self._tasks) and self._tasks[0].future.done()
+
+    def submit(self, item: InFlight) -> None:
+        """Start the batch's first attempt in a writer thread."""
+        assert not self.full
+        # Round robin, oldest taken first: the writer used is the one whose batch finished.
+        writer = self._writers[self._next_writer]
+        self._next_writer = (self._next_writer + 1) % len(self._writers)
+        previous = self._last_turn.done if self._tasks and self._last_turn is not None else None
+        turn = self._last_turn = Turn(previous)
+        started = self._clock()
+
+        def attempt() -> Written:
+            try:
+                written = self._write(item.batch, writer, turn, started)
+                item.state = BatchState.WRITTEN
+                return written
+            finally:
+                turn.passed()
+
+        self._tasks.append(_Task(item, writer, self._threads.submit(attempt), started))
+
+    def result(self, retry: Callable[[Callable[[], Written]], Written]) -> Written:
+        """The oldest batch's outcome, taken out of the stage; its first attempt's, or, if that
+        failed, what `retry` makes of further attempts (run here, one at a time)."""
+        task = self._tasks.popleft()
+        first = [task.future]
+
+        def attempt() -> Written:
+            if first:
+                return first.pop().result()
+            return self._write(task.item.batch, task.writer, None, task.started)
+
+        written = retry(attempt)
+        task.item.state = BatchState.WRITTEN
+        return written
+
+    def settle(self) -> None:
+        """Wait for every writer thread: they read batches that a revoke is about to change."""
+        wait_futures([t.future for t in self._tasks])
+
+    def check(self) -> bool:
+        """Is the database reachable (when idle, for /readyz)?"""
+        return self._writers[0].check()
+
+    def _write(self, batch: Batch, writer: Writer, turn: Turn | None, started: float) -> Written:
+        """One attempt at step 1.  Every write of the batch waits for the previous batch's INSERT,
+        and only the whole batch's first write lets the next batch go: a batch that bisects around
+        poison lets it go when its write has ended (submit), so its later INSERTs never wait on
+        the next batch's rows while that one waits on theirs."""
+        rows, sources = batch.rows, batch.row_sources
+        if not rows:
+            return Written(WriteResult(0, 0), [], [], self._clock() - started)
+        calls = [0]
+
+        def write(part: Sequence[Row]) -> WriteResult:
+            calls[0] += 1
+            return writer.write(part, turn if turn is None or calls[0] == 1 else turn.again())
+
+        iso = write_isolating_poison(rows, write, self._max_splits)
+        inserted = sum(r.inserted for _, _, r in iso.written)
+        insert_s = sum(r.insert_s for _, _, r in iso.written)
+        dup_sources = [sources[start + i] for start, _, r in iso.written for i in r.duplicate_indexes]
+        rejections = [Rejection(sources[i], "write", e.error_class, e.message, e.sqlstate) for i, e in iso.poison]
+        if iso.poison:
+            log.warning("poison_isolated", topic=self._topic, batch_id=batch.batch_id, rows=len(rows),
+                        dlq=len(iso.poison), writes=iso.writes)
+        return Written(WriteResult(inserted, len(dup_sources), insert_s=insert_s), rejections, dup_sources,
+                       self._clock() - started)

@@ -1,0 +1,116 @@
+"""The write stage without a database: results in submission order, INSERTs in turn, states."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from sink.batcher import Batch, Batcher
+from sink.errors import RetryableError
+from sink.model import Row
+from sink.types import InsertTurn, SourceRecord, WriteResult
+from sink.write_stage import BatchState, InFlight, Turn, WriteStage, Written
+from tests.fakes import TableWriter
+
+TOPIC = "t"
+
+
+def batch(first: int, n: int = 5) -> Batch:
+    batcher = Batcher(100, 1.0)
+    for i in range(first, first + n):
+        row: Row = ("2026-01-01", f"dev-{i}", "m", "c", "1", float(i), None, None)  # type: ignore[assignment]
+        batcher.add(SourceRecord(TOPIC, 0, i, None, b"{}"), row)
+    return batcher.take()
+
+
+def once(attempt: Callable[[], Written]) -> Written:
+    return attempt()
+
+
+def test_results_come_back_in_submission_order_with_their_states() -> None:
+    stage = WriteStage([TableWriter(), TableWriter()], TOPIC, max_splits=8)
+    first, second = InFlight(batch(0)), InFlight(batch(5))
+    stage.submit(first)
+    stage.submit(second)
+    assert stage.full and stage.oldest is first
+    assert stage.result(once).result.inserted == 5
+    assert first.state is BatchState.WRITTEN
+    assert stage.oldest is second
+    assert stage.result(once).result.inserted == 5
+    assert not stage.busy and second.state is BatchState.WRITTEN
+
+
+def test_a_failed_first_attempt_is_retried_by_the_caller_and_stays_writing_until_then() -> None:
+    writer = TableWriter()
+    writer.fail_next = 1
+    stage = WriteStage([writer], TOPIC, max_splits=8)
+    item = InFlight(batch(0))
+    stage.submit(item)
+    stage.settle()
+    assert stage.ready() and item.state is BatchState.WRITING  # its write did not go in
+
+    attempts: list[int] = []
+
+    def retry(attempt: Callable[[], Written]) -> Written:
+        for n in range(3):
+            attempts.append(n)
+            try:
+                return attempt()
+            except RetryableError:
+                continue
+        raise AssertionError("not retried")
+
+    assert stage.result(retry).result.inserted == 5
+    assert attempts == [0, 1] and item.state is BatchState.WRITTEN and len(writer.rows) == 5
+
+
+class GatedWriter(TableWriter):
+    """A writer whose INSERT (after its turn) blocks until the test opens its gate."""
+
+    def __init__(self, marks: list[str], gate: threading.Event) -> None:
+        super().__init__()
+        self.marks, self.gate = marks, gate
+
+    def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
+        if turn is not None:
+            turn.wait(lambda: self.marks.append("keepalive"))
+        self.marks.append(f"insert {rows[0][5]:.0f}")
+        self.gate.wait(5)
+        result = super().write(rows)
+        if turn is not None:
+            turn.passed()
+        return result
+
+
+def test_the_second_batch_inserts_only_after_the_first_one_s_insert() -> None:
+    marks: list[str] = []
+    gate = threading.Event()
+    stage = WriteStage([GatedWriter(marks, gate), GatedWriter(marks, gate)], TOPIC, max_splits=8)
+    stage.submit(InFlight(batch(0)))
+    stage.submit(InFlight(batch(5)))
+    threading.Event().wait(0.2)
+    assert marks == ["insert 0"]  # the second waits for the first one's INSERT to go through
+    gate.set()
+    stage.result(once)
+    stage.result(once)
+    assert marks == ["insert 0", "insert 5"]
+
+
+def test_a_turn_keeps_the_waiting_transaction_alive() -> None:
+    previous = threading.Event()
+    threading.Timer(0.25, previous.set).start()
+    keepalives: list[int] = []
+    Turn(previous, every=0.05).wait(lambda: keepalives.append(1))
+    assert 3 <= len(keepalives) <= 6
+
+
+def test_a_write_error_in_the_thread_reaches_the_caller() -> None:
+    writer = TableWriter()
+    writer.fail_next = 5
+    stage = WriteStage([writer], TOPIC, max_splits=8)
+    stage.submit(InFlight(batch(0)))
+    with pytest.raises(RetryableError):
+        stage.result(once)
+    assert not stage.busy
