@@ -42,7 +42,7 @@ def test_broker_sigkill_and_restart_mid_stream_loses_nothing(chaos: Callable[...
         # A consumer rejoins in seconds.  An abandoned transaction of the sink's may hold its
         # committed offsets unstable until transaction.timeout.ms (10 s) expires.  If a
         # librdkafka call ignores its timeout (librdkafka#5456; the re-bootstrap that made every
-        # restart do so, #5511, is off in sink/committer.py), the sink's watchdog exits with 75
+        # restart do so, #5511, is off in sink/outbox.py), the sink's watchdog exits with 75
         # after its deadline; like compose's `restart: unless-stopped`, we start it again.
         sink = _supervise(sc, sink, sc.wait_progress, deadline=time.monotonic() + 150)
     sc.producer.stop_stream()

@@ -1,7 +1,7 @@
 """The replay core: DLQ records through the sink's own decode and writer, batch by batch.
 
 Only this module knows the order of things; the reader, writer and outbox behind the
-Protocols below are the real adapters (dlq/reader.py, sink/writer.py, dlq/outbox.py) or the
+Protocols below are the real adapters (dlq/reader.py, sink/writer.py, sink/outbox.py) or the
 in-memory fakes of tests/test_dlq_replay_core.py.
 """
 
@@ -23,6 +23,7 @@ from sink.envelope import DlqInfo, DlqRecord, fit_record, original_headers, pars
 from sink.errors import FatalError, PoisonError, RetryableError, retry_log_fields
 from sink.logs import get_logger
 from sink.model import Row
+from sink.outbox import Outbox, Output
 from sink.retry import RetryPolicy, retrying
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sink.types import Rejection, SourceRecord, WriteResult
@@ -30,7 +31,6 @@ from sink.types import Rejection, SourceRecord, WriteResult
 log = get_logger("dlq.replay")
 
 TP = tuple[str, int]
-Output = tuple[str, DlqRecord]
 T = TypeVar("T")
 
 
@@ -127,10 +127,6 @@ class Reader(Protocol):
 
 class Writer(Protocol):
     def write(self, rows: Sequence[Row]) -> WriteResult: ...
-
-
-class Outbox(Protocol):
-    def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None: ...
 
 
 @dataclass

@@ -13,17 +13,29 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from dlq.outbox import PlainOutbox, TransactionalOutbox, transactional_id
 from dlq.progress import ProgressReporter, reporter
 from dlq.reader import ConsumerOffsets, DlqReader, capture_plan, open_consumer
-from dlq.replay import Outbox, Outcome, Replayer, ReplayOptions, ReplayResult, retry
+from dlq.replay import Outcome, Replayer, ReplayOptions, ReplayResult, retry
 from sink.errors import FatalError, classify_kafka_error
 from sink.logs import get_logger
+from sink.outbox import Outbox, PlainOutbox, TransactionalOutbox
 from sink.settings import Settings
 from sink.topics import dlq_max_message_bytes
 from sink.writer import PgWriter
 
 log = get_logger("dlq.runner")
+
+
+def transactional_id(group: str) -> str:
+    """Fixed per replay group: a new run's init_transactions aborts whatever a killed run left
+    open (its records vanish, its offsets were never committed) instead of leaving it to time
+    out while read_committed readers and this group's offsets wait, and it fences a second
+    replay of the same group that is still running."""
+    return f"sink-dlq-replay.{group}"
+
+
+FENCED = ("another replay with the same consumer group took over (this one was fenced); "
+          "its batch in flight was not committed")
 
 EXIT_CODES = {Outcome.COMPLETED: 0, Outcome.MAX_REACHED: 0, Outcome.STOPPED_ON_FAILURE: 3, Outcome.INTERRUPTED: 130}
 EXIT_FATAL = 1
@@ -129,14 +141,12 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
     if not opts.dry_run:
         offsets = ConsumerOffsets(consumer)
         if settings.kafka_transactional:
-            tx = retry(policy, "init_transactions",
-                       lambda: TransactionalOutbox(settings, offsets, group, dlq_max_bytes=limit))
-            closers.append(tx.close)
-            outbox = tx
+            outbox = TransactionalOutbox(settings, offsets, opts.dlq_topic, transactional_id(group), timeout=30.0,
+                                         dlq_max_bytes=limit, client_id=f"sink-dlq-replay-{group}", fenced=FENCED)
         else:
-            plain = PlainOutbox(settings, offsets, dlq_max_bytes=limit)
-            closers.append(plain.close)
-            outbox = plain
+            outbox = PlainOutbox(settings, offsets, opts.dlq_topic, timeout=30.0, dlq_max_bytes=limit)
+        closers.append(outbox.close)
+        retry(policy, "init_transactions", outbox.prepare)
     # Step 3.
     plan = retry(policy, "dlq_offsets", lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True))
     return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox, limit

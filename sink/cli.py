@@ -143,7 +143,7 @@ def tune_gc() -> None:
 def run(settings: Settings) -> int:
     """Start everything, run the pipeline until SIGTERM/SIGINT, stop cleanly."""
     from sink.breaker import DlqBreaker, DlqBreakerPolicy
-    from sink.committer import PlainCommitter, TransactionalCommitter
+    from sink.committer import open_committer
     from sink.health import HealthState, serve
     from sink.metrics import Metrics
     from sink.pipeline import Pipeline, PipelineConfig
@@ -193,11 +193,7 @@ def run(settings: Settings) -> int:
         return EXIT_OK
 
     source = KafkaSource(settings)
-    committer: Any
-    if settings.kafka_transactional:
-        committer = TransactionalCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
-    else:
-        committer = PlainCommitter(settings, source, settings.dlq_topic, dlq_max_bytes=dlq_max_bytes)
+    committer = open_committer(settings, source, settings.dlq_topic, settings.kafka_transactional, dlq_max_bytes)
     _startup_retry("init_transactions", committer.prepare, stop_requested, settings, metrics)
     breaker = DlqBreaker(DlqBreakerPolicy(enabled=settings.dlq_breaker_enabled, ratio=settings.dlq_breaker_ratio,
                                           window=settings.dlq_breaker_window,

@@ -78,6 +78,12 @@ class ListOutbox:
         self.offsets: dict[TP, int] = {}
         self.fail_next = 0
 
+    def prepare(self) -> None:
+        """Nothing to register."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
     def complete(self, outputs: Sequence[Any], offsets: dict[TP, int]) -> None:
         if self.fail_next:
             self.fail_next -= 1

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from dev import services, testkit
-from sink.committer import TransactionalCommitter
+from sink.committer import open_committer
 from sink.envelope import H_FAILED_AT, H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord
 from sink.errors import FatalError, RetryableError
 from sink.settings import Settings
@@ -36,8 +36,8 @@ class NoOffsets:
 
 
 def test_prepare_registers_the_producer_and_the_first_transaction_commits(infra: None, topic: str) -> None:
-    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
-                                       f"{topic}.dlq")
+    committer = open_committer(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
+                               f"{topic}.dlq", True)
     try:
         committer.prepare()
         committer.prepare()  # idempotent: the same producer
@@ -49,8 +49,8 @@ def test_prepare_registers_the_producer_and_the_first_transaction_commits(infra:
 
 
 def test_prepare_against_an_unreachable_broker_is_retryable(infra: None) -> None:
-    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=f"127.0.0.1:{testkit.closed_port()}"),
-                                       NoOffsets(), "nowhere.dlq", timeout=2.0)
+    committer = open_committer(Settings(kafka_bootstrap_servers=f"127.0.0.1:{testkit.closed_port()}"),
+                               NoOffsets(), "nowhere.dlq", True, timeout=2.0)
     with pytest.raises(RetryableError):
         committer.prepare()
     committer.close()
@@ -100,8 +100,8 @@ def test_a_commit_that_timed_out_is_resumed_and_the_batch_is_committed_once(infr
     # librdkafka keeps committing a transaction whose commit_transaction() timed out and refuses
     # any other transactional call (_CONFLICT) until commit_transaction() is called again: an
     # abort on the retry would fail for ever, with consumption paused.
-    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
-                                       f"{topic}.dlq", timeout=1.0)
+    committer = open_committer(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
+                               f"{topic}.dlq", True, timeout=1.0)
     try:
         committer.prepare()
         with _broker_frozen(), pytest.raises(RetryableError, match="timing out"):
@@ -117,8 +117,8 @@ def test_a_commit_that_timed_out_is_resumed_and_the_batch_is_committed_once(infr
 
 
 def test_close_after_a_commit_timed_out_does_not_raise(infra: None, topic: str) -> None:
-    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
-                                       f"{topic}.dlq", timeout=1.0)
+    committer = open_committer(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(),
+                               f"{topic}.dlq", True, timeout=1.0)
     committer.prepare()
     with _broker_frozen():
         with pytest.raises(RetryableError):
@@ -155,8 +155,8 @@ def test_the_first_transaction_after_a_broker_restart_returns_and_commits(infra:
                          "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
     consumer.subscribe([topic])
     source = GroupOf(consumer)
-    committer = TransactionalCommitter(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP),
-                                       source, f"{topic}.dlq", timeout=5.0)
+    committer = open_committer(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP),
+                               source, f"{topic}.dlq", True, timeout=5.0)
     try:
         testkit.wait_for(lambda: consumer.poll(0.5) is not None, 30, what="the consumer's first record")
         committer.prepare()

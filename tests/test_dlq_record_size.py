@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka.admin import ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from dev import services, testkit
-from sink.committer import PlainCommitter, TransactionalCommitter
+from sink.committer import Committer, open_committer
 from sink.envelope import H_DROPPED, H_OFFSET, H_ORIG_BYTES, H_TOPIC, DlqRecord
 from sink.errors import RetryableError
 from sink.settings import Settings
@@ -109,11 +109,11 @@ class NoOffsets:
         assert offsets == {}
 
 
-@pytest.mark.parametrize("committer_class", [TransactionalCommitter, PlainCommitter])
+@pytest.mark.parametrize("transactional", [True, False], ids=["transactional", "plain"])
 def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_record(
-        dlq_topic: str, committer_class: Any) -> None:
+        dlq_topic: str, transactional: bool) -> None:
     # DescribeConfigs not allowed: the sink assumes Kafka's default, the topic takes 100 kB.
-    committer = _assuming_default(committer_class, dlq_topic)
+    committer = _assuming_default(transactional, dlq_topic)
     big = DlqRecord(b"k", random.Random(5).randbytes(200_000),  # incompressible: zstd cannot save it
                     ((H_TOPIC, b"in"), (H_OFFSET, b"5")))
     small = DlqRecord(b"k2", b"fits", ((H_TOPIC, b"in"), (H_OFFSET, b"6")))
@@ -128,11 +128,11 @@ def test_a_limit_the_sink_could_not_read_is_learnt_from_the_broker_refusing_a_re
     assert got[b"k2"].value == b"fits"
 
 
-@pytest.mark.parametrize("committer_class", [TransactionalCommitter, PlainCommitter])
+@pytest.mark.parametrize("transactional", [True, False], ids=["transactional", "plain"])
 def test_records_that_fit_alone_keep_their_values_when_their_batch_was_refused(
-        dlq_topic: str, committer_class: Any) -> None:
+        dlq_topic: str, transactional: bool) -> None:
     # Five 30 kB records fit a 100 kB topic one by one, not in one producer batch.
-    committer = _assuming_default(committer_class, dlq_topic)
+    committer = _assuming_default(transactional, dlq_topic)
     rnd = random.Random(6)
     records = [DlqRecord(f"k{i}".encode(), rnd.randbytes(30_000), ((H_TOPIC, b"in"), (H_OFFSET, str(i).encode())))
                for i in range(5)]
@@ -144,11 +144,11 @@ def test_records_that_fit_alone_keep_their_values_when_their_batch_was_refused(
     assert got == [(r.key, r.value) for r in records]  # whole, each once
 
 
-def _assuming_default(committer_class: Any, dlq_topic: str) -> Any:
+def _assuming_default(transactional: bool, dlq_topic: str) -> Committer:
     """A committer for a 100 kB DLQ topic whose config it could not read: Kafka's default assumed."""
     _small_topic(dlq_topic)
-    return committer_class(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
-                           timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+    return open_committer(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), NoOffsets(), dlq_topic,
+                          transactional, timeout=10.0, dlq_max_bytes=KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
 
 
 def _retry(fn: Any, attempts: int = 12) -> None:

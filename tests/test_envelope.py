@@ -273,7 +273,7 @@ def test_replaying_a_record_without_its_value_keeps_saying_so() -> None:
 
 
 def test_a_refused_limit_is_halved_down_to_a_floor() -> None:
-    from sink.committer import lower_limit
+    from sink.outbox import lower_limit
 
     assert lower_limit(1_048_588) == 524_294
     assert lower_limit(1500) == lower_limit(1024) == 1024

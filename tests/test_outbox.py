@@ -1,4 +1,4 @@
-"""dlq.outbox.PlainOutbox (KAFKA_TRANSACTIONAL=false): a retry produces again only what was not
+"""sink.outbox.PlainOutbox (KAFKA_TRANSACTIONAL=false): a retry produces again only what was not
 acknowledged, and nothing is committed before every record is."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from dev import services
-from dlq.outbox import Output, PlainOutbox
 from sink.envelope import DlqRecord
 from sink.errors import RetryableError
+from sink.outbox import Output, PlainOutbox
 from sink.settings import Settings
 
 DLQ = "in.dlq"
@@ -70,7 +70,7 @@ def outputs(*values: bytes) -> list[Output]:
 
 def plain(producer: ScriptedProducer) -> tuple[PlainOutbox, RecordingOffsets]:
     source = RecordingOffsets()
-    return PlainOutbox(Settings(), source, timeout=0.1, producer=producer), source
+    return PlainOutbox(Settings(), source, DLQ, timeout=0.1, producer=producer), source
 
 
 def test_a_retry_produces_again_only_the_record_whose_delivery_failed() -> None:
@@ -129,7 +129,7 @@ def test_a_record_produce_refuses_is_a_retryable_error_not_a_traceback() -> None
 @pytest.mark.integration
 def test_a_record_too_large_for_the_real_producer_is_classified_and_nothing_is_committed(topic: str) -> None:
     source = RecordingOffsets()
-    outbox = PlainOutbox(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), source, timeout=10)
+    outbox = PlainOutbox(Settings(kafka_bootstrap_servers=services.KAFKA_BOOTSTRAP), source, "elsewhere", timeout=10)
     try:
         too_large = 2 * 1024 * 1024  # the producer's message.max.bytes follows the DLQ topic: ~1 MiB
         with pytest.raises(RetryableError, match="MSG_SIZE_TOO_LARGE"):
