@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # missing from the stub
 
 from dev import services
+from sink.model import COLUMNS
 from sink.produce import produce_waiting
 from sink.settings import Settings
 
@@ -309,8 +310,10 @@ def drop_schema(name: str) -> None:
 def rows(schema: str, order: str = "device_id, timestamp, connector_mode, component_type, pin_position") -> list[
     tuple[Any, ...]
 ]:
+    """The model's columns of every row (not source_version: what the sink wrote, not how)."""
+    columns = ", ".join(f'"{c}"' for c in COLUMNS)
     with connect(schema) as conn:
-        return conn.execute(f"SELECT * FROM iot_measurements ORDER BY {order}").fetchall()
+        return conn.execute(f"SELECT {columns} FROM iot_measurements ORDER BY {order}").fetchall()
 
 
 def row_count(schema: str) -> int:

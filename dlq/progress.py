@@ -43,7 +43,7 @@ class BarProgress:
         self._progress.start()
 
     def update(self, passed: int, counts: Counts) -> None:
-        text = (f"inserted {counts.inserted}  present {counts.already_present}  "
+        text = (f"inserted {counts.inserted}  updated {counts.updated}  present {counts.already_present}  "
                 f"failed {counts.failed_again}  skipped {counts.skipped}")
         self._progress.update(self._task, completed=passed, counts=text)
 

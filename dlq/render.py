@@ -68,7 +68,7 @@ def replay_view(summary: dict[str, Any]) -> RenderableType:
     elif summary["to_topic"]:
         rows.append((f"re-published to {summary['to_topic']}", c["republished"]))
     else:
-        rows += [("inserted", c["inserted"]), ("already present", c["already_present"])]
+        rows += [("inserted", c["inserted"]), ("updated", c["updated"]), ("already present", c["already_present"])]
     rows += [("failed again", c["failed_again"]), ("  written back to the DLQ", c["dlq"]),
              ("skipped (filter)", c["skipped"])]
     for name, n in rows:

@@ -27,6 +27,7 @@ from sink.outbox import Outbox, Output
 from sink.retry import RetryPolicy, retrying
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sink.types import Rejection, SourceRecord, WriteResult
+from sink.upsert import IGNORE, PK_INDEX, WriteMode, latest_per_key, versioned
 
 log = get_logger("dlq.replay")
 
@@ -44,7 +45,8 @@ class OnFailure(StrEnum):
 
 class Fate(StrEnum):
     INSERTED = "inserted"
-    ALREADY_PRESENT = "already_present"
+    UPDATED = "updated"  # WRITE_MODE=update: it overwrote the row of its key
+    ALREADY_PRESENT = "already_present"  # changed nothing (update mode: identical, older, or superseded)
     REPUBLISHED = "republished"
     VALID = "valid"  # dry run: would be written / re-published
     FAILED_AGAIN = "failed_again"
@@ -71,6 +73,7 @@ class ReplayOptions:
     # Bounded, unlike the sink's: an operator is waiting, and the next run resumes where this one stopped.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES  # the DLQ topic's max.message.bytes
+    write_mode: WriteMode = IGNORE  # the sink's WRITE_MODE and WRITE_VERSION
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -83,10 +86,11 @@ class ReplayOptions:
 
 @dataclass
 class Counts:
-    """What a run did.  replayed = inserted + already_present + republished + valid + failed_again."""
+    """What a run did.  replayed = inserted + updated + already_present + republished + valid + failed_again."""
 
     replayed: int = 0
     inserted: int = 0
+    updated: int = 0
     already_present: int = 0
     republished: int = 0
     valid: int = 0
@@ -281,19 +285,25 @@ class Replayer:
         """Write the rows of `valid`; sets their fates, or rejections for rows the database refused."""
         writer = self.writer
         assert writer is not None
+        mode = self.opts.write_mode
+        if mode.update:  # one row per key, the newest in the original records' order
+            valid = _latest(items, valid)
         rows = [row for i in valid if (row := items[i].row) is not None]
+        if mode.versioned:  # the original record's Kafka timestamp, as the sink wrote it
+            rows = versioned(rows, [_origin(items[i]).timestamp_ms for i in valid])
         if self.opts.on_failure is OnFailure.STOP:
             results, poison = self._retry("db_write", lambda: _write_until_poison(writer, rows))
         else:
             iso = self._retry("db_write", lambda: write_isolating_poison(rows, writer.write, self.opts.max_splits))
             results = {}
             for start, length, res in iso.written:
-                dups = set(res.duplicate_indexes)
+                dups, updated = set(res.duplicate_indexes), set(res.updated_indexes)
                 for j in range(length):
-                    results[start + j] = j not in dups
+                    results[start + j] = (Fate.ALREADY_PRESENT if j in dups else
+                                          Fate.UPDATED if j in updated else Fate.INSERTED)
             poison = iso.poison
-        for j, new in results.items():
-            items[valid[j]].fate = Fate.INSERTED if new else Fate.ALREADY_PRESENT
+        for j, fate in results.items():
+            items[valid[j]].fate = fate
         for j, e in poison:
             rec = items[valid[j]].record
             items[valid[j]].rejection = Rejection(rec, "write", e.error_class, e.message, e.sqlstate)
@@ -376,7 +386,7 @@ def retry(policy: RetryPolicy, cause: str, fn: Callable[[], T], sleep: Callable[
                          "nothing uncommitted was counted, run the replay again to resume") from e
 
 
-def _write_until_poison(writer: Writer, rows: Sequence[Row]) -> tuple[dict[int, bool], list[tuple[int, PoisonError]]]:
+def _write_until_poison(writer: Writer, rows: Sequence[Row]) -> tuple[dict[int, Fate], list[tuple[int, PoisonError]]]:
     """All rows at once; if one is poison, row by row in order up to the first poison row only
     (--on-failure stop must not write anything after the record it stops at)."""
     try:
@@ -384,12 +394,36 @@ def _write_until_poison(writer: Writer, rows: Sequence[Row]) -> tuple[dict[int, 
     except PoisonError:
         pass
     else:
-        dups = set(res.duplicate_indexes)
-        return {j: j not in dups for j in range(len(rows))}, []
-    results: dict[int, bool] = {}
+        return _fates(res, len(rows)), []
+    results: dict[int, Fate] = {}
     for j, row in enumerate(rows):
         try:
-            results[j] = writer.write([row]).inserted == 1
+            results[j] = _fates(writer.write([row]), 1)[0]
         except PoisonError as e:
             return results, [(j, e)]
     return results, []
+
+
+
+def _fates(res: WriteResult, n: int) -> dict[int, Fate]:
+    dups, updated = set(res.duplicate_indexes), set(res.updated_indexes)
+    return {j: Fate.ALREADY_PRESENT if j in dups else Fate.UPDATED if j in updated else Fate.INSERTED
+            for j in range(n)}
+
+
+def _origin(item: _Item) -> SourceRecord:
+    """The record as the sink first read it: its partition, offset and Kafka timestamp."""
+    info, rec = item.info, item.record
+    if info is None or info.partition is None or info.offset is None:
+        return rec
+    return rec._replace(partition=info.partition, offset=info.offset, timestamp_ms=info.original_timestamp_ms)
+
+
+def _latest(items: list[_Item], valid: list[int]) -> list[int]:
+    """Of `valid`, one per key (sink/upsert.py's rule over the original records); the others
+    changed nothing."""
+    rows = [row for i in valid if (row := items[i].row) is not None]
+    kept = [valid[k] for k in latest_per_key(rows, [_origin(items[i]) for i in valid], PK_INDEX)]
+    for i in set(valid) - set(kept):
+        items[i].fate = Fate.ALREADY_PRESENT
+    return kept

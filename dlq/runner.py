@@ -127,7 +127,7 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
     writer: PgWriter | None = None
     # Step 1.
     if opts.to_topic is None and not opts.dry_run:
-        w = PgWriter(settings.conninfo(), settings.timescale_schema)
+        w = PgWriter.from_settings(settings)
         closers.append(w.close)
         retry(policy, "db_connect", w.connect)
         writer = w

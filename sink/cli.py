@@ -179,9 +179,9 @@ def run(settings: Settings) -> int:
 
     if settings.run_migrations:
         _migrate(settings, stop_requested, health, metrics)
-    writer = PgWriter(settings.conninfo(), settings.timescale_schema)
+    writer = PgWriter.from_settings(settings)
     # A second connection: two batches' writes overlap.
-    spare_writer = PgWriter(settings.conninfo(), settings.timescale_schema)
+    spare_writer = PgWriter.from_settings(settings)
     _startup_retry("db_connect", writer.connect, stop_requested, settings, metrics)
     _startup_retry("db_connect", spare_writer.connect, stop_requested, settings, metrics)
     if stopping["now"]:

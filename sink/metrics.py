@@ -34,7 +34,10 @@ class Metrics:
         r = self.registry
         self.consumed = Counter("sink_records_consumed", "Records consumed from Kafka", registry=r)
         self.inserted = Counter("sink_rows_inserted", "Rows inserted (new)", registry=r)
-        self.duplicates = Counter("sink_rows_duplicate", "Rows already present (ON CONFLICT DO NOTHING)", registry=r)
+        self.duplicates = Counter("sink_rows_duplicate", "Rows that changed nothing: already present (or, with "
+                                  "WRITE_MODE=update, identical, older, or superseded in their batch)", registry=r)
+        self.updated = Counter("sink_rows_updated", "Rows that overwrote a row of the same key (WRITE_MODE=update)",
+                               registry=r)
         self.dlq = Counter("sink_records_dlq", "Records sent to the DLQ", ["error_class", "stage"], registry=r)
         self.batches = Counter("sink_batches_written", "Batches written to the database", registry=r)
         self.batch_rows = Histogram("sink_batch_rows", "Records per batch", registry=r,

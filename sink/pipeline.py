@@ -25,6 +25,7 @@ from sink.metrics import Metrics
 from sink.retry import RetryPolicy, retrying
 from sink.settings import Settings
 from sink.types import Rejection, SourceRecord
+from sink.upsert import IGNORE, WriteMode
 from sink.watchdog import Watchdog
 from sink.write_stage import BatchState, InFlight, Writer, WriteStage, Written
 
@@ -74,12 +75,14 @@ class PipelineConfig:
     # The Kafka side of a batch takes milliseconds; its calls time out after 10 s each.  Past
     # this, a librdkafka call ignored its timeout: exit and let the supervisor restart us.
     commit_deadline: float = 90.0
+    write_mode: WriteMode = IGNORE
 
     @classmethod
     def from_settings(cls, s: Settings) -> PipelineConfig:
         return cls(topic=s.kafka_input_topic, batch_size=s.batch_size, batch_timeout=s.batch_timeout,
                    max_splits=s.bisect_max_splits, retry=RetryPolicy.from_settings(s),
-                   shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval)
+                   shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval,
+                   write_mode=WriteMode.of(s.write_mode, s.write_version))
 
 
 class ShutdownExpired(Exception):
@@ -109,7 +112,7 @@ class Pipeline:
         # Step 1 in writer threads (one per connection: a spare writer overlaps two batches),
         # while this thread consumes and decodes the next batch and commits the previous ones.
         writers = [writer] if spare_writer is None else [writer, spare_writer]
-        self._writes = WriteStage(writers, cfg.topic, cfg.max_splits, clock)
+        self._writes = WriteStage(writers, cfg.topic, cfg.max_splits, clock, cfg.write_mode)
         self._held: list[SourceRecord] = []
         self._stop_requested = False
         self._stop_logged = False
@@ -433,6 +436,7 @@ class Pipeline:
         self.metrics.write_seconds.observe(write_s)
         self.metrics.insert_seconds.inc(r.insert_s)
         self.metrics.inserted.inc(r.inserted)
+        self.metrics.updated.inc(r.updated)
         self.metrics.duplicates.inc(r.duplicates)
         extra: dict[str, Any] = {}
         if w.duplicate_sources:
@@ -441,7 +445,7 @@ class Pipeline:
                 dup.setdefault(str(s.partition), []).append(s.offset)
             extra["duplicate_offsets"] = dup
         log.info("batch_written", topic=self.cfg.topic, batch_id=batch.batch_id, offsets=_offset_ranges(batch),
-                 rows=len(batch), inserted=r.inserted, duplicates=r.duplicates, dlq=dlq,
+                 rows=len(batch), inserted=r.inserted, updated=r.updated, duplicates=r.duplicates, dlq=dlq,
                  latency_ms=round(write_s * 1000, 1), insert_ms=round(r.insert_s * 1000, 1), **extra)
 
     def _log_rejected(self, rej: Rejection) -> None:

@@ -50,7 +50,8 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Outcome of one committed write: which input rows were new and which already existed."""
+    """Outcome of one committed write: which input rows were new, which updated a row
+    (WRITE_MODE=update), and which changed nothing (duplicates)."""
 
     inserted: int
     duplicates: int
@@ -58,6 +59,8 @@ class WriteResult:
     # Seconds in the INSERT statement (the database's work and its result): the rest of a write
     # is the client's (COPY into the stage, waiting for the previous batch, commit).
     insert_s: float = 0.0
+    updated: int = 0
+    updated_indexes: tuple[int, ...] = field(default=())
 
 
 class InsertTurn(Protocol):

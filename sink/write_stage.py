@@ -26,6 +26,7 @@ from sink.bisect import write_isolating_poison
 from sink.logs import get_logger
 from sink.model import Row
 from sink.types import InsertTurn, Rejection, SourceRecord, WriteResult
+from sink.upsert import IGNORE, PK_INDEX, WriteMode, latest_per_key, versioned
 
 log = get_logger("sink.write_stage")
 
@@ -103,8 +104,10 @@ class _Task:
 
 
 class WriteStage:
-    def __init__(self, writers: Sequence[Writer], topic: str, max_splits: int, clock: Clock = time.monotonic) -> None:
+    def __init__(self, writers: Sequence[Writer], topic: str, max_splits: int, clock: Clock = time.monotonic,
+                 mode: WriteMode = IGNORE) -> None:
         self._writers = list(writers)
+        self._mode = mode
         self._topic = topic
         self._max_splits = max_splits
         self._clock = clock
@@ -177,9 +180,15 @@ class WriteStage:
         and only the whole batch's first write lets the next batch go: a batch that bisects around
         poison lets it go when its write has ended (submit), so its later INSERTs never wait on
         the next batch's rows while that one waits on theirs."""
-        rows, sources = batch.rows, batch.row_sources
+        rows: Sequence[Row] = batch.rows
+        sources: Sequence[SourceRecord] = batch.row_sources
         if not rows:
             return Written(WriteResult(0, 0), [], [], self._clock() - started)
+        superseded: list[SourceRecord] = []
+        if self._mode.update:
+            rows, sources, superseded = _latest(rows, sources)
+            if self._mode.versioned:
+                rows = versioned(rows, [s.timestamp_ms for s in sources])
         calls = [0]
 
         def write(part: Sequence[Row]) -> WriteResult:
@@ -188,11 +197,24 @@ class WriteStage:
 
         iso = write_isolating_poison(rows, write, self._max_splits)
         inserted = sum(r.inserted for _, _, r in iso.written)
+        updated = sum(r.updated for _, _, r in iso.written)
         insert_s = sum(r.insert_s for _, _, r in iso.written)
         dup_sources = [sources[start + i] for start, _, r in iso.written for i in r.duplicate_indexes]
+        dup_sources.extend(superseded)
         rejections = [Rejection(sources[i], "write", e.error_class, e.message, e.sqlstate) for i, e in iso.poison]
         if iso.poison:
             log.warning("poison_isolated", topic=self._topic, batch_id=batch.batch_id, rows=len(rows),
                         dlq=len(iso.poison), writes=iso.writes)
-        return Written(WriteResult(inserted, len(dup_sources), insert_s=insert_s), rejections, dup_sources,
-                       self._clock() - started)
+        return Written(WriteResult(inserted, len(dup_sources), insert_s=insert_s, updated=updated), rejections,
+                       dup_sources, self._clock() - started)
+
+
+def _latest(rows: Sequence[Row], sources: Sequence[SourceRecord]
+            ) -> tuple[Sequence[Row], Sequence[SourceRecord], list[SourceRecord]]:
+    """One row per key (the newest, sink/upsert.py), and the records superseded by it."""
+    kept = latest_per_key(rows, sources, PK_INDEX)
+    if len(kept) == len(rows):
+        return rows, sources, []
+    keep = set(kept)
+    return ([rows[i] for i in kept], [sources[i] for i in kept],
+            [s for i, s in enumerate(sources) if i not in keep])

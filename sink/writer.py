@@ -1,5 +1,6 @@
 """The database writer: one transaction per batch, binary COPY into a staging table, then
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the table, built from the model's fields."""
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the table, built from the model's fields
+(WRITE_MODE=update: ``ON CONFLICT (primary key) DO UPDATE`` where something differs)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from psycopg import sql
 from sink.errors import FatalError, SinkError, classify_db_error
 from sink.logs import get_logger
 from sink.model import COLUMNS, PRIMARY_KEY, Row
+from sink.settings import Settings
 from sink.types import InsertTurn, WriteResult
+from sink.upsert import IGNORE, VERSION_COLUMN, WriteMode
 
 log = get_logger("sink.writer")
 _INT4_OID = 23
@@ -48,6 +51,42 @@ def insert_statement(table: sql.Identifier, columns: Sequence[str] = COLUMNS, pk
         "ON CONFLICT DO NOTHING RETURNING {pk}"
     ).format(table=table, cols=cols, stage=sql.Identifier(stage), ord=sql.Identifier(ORD),
              pk=sql.SQL(", ").join(map(sql.Identifier, pk)))
+
+
+def upsert_statement(table: sql.Identifier, columns: Sequence[str], pk: Sequence[str] = PRIMARY_KEY,
+                     stage: str = STAGE) -> sql.Composed:
+    """INSERT ... ON CONFLICT (primary key) DO UPDATE of the other columns, only where they differ
+    (an identical redelivery writes nothing: no dead tuple, no WAL) and, with source_version
+    among the columns, only where the incoming version is not older than the stored one.
+    RETURNING the key and whether the row is new (xmax = 0: no earlier version of the row)."""
+    ident = sql.Identifier
+    others = [c for c in columns if c not in pk]
+    cols = sql.SQL(", ").join(map(ident, columns))
+    target = sql.SQL(", ").join(map(ident, pk))
+    assign = sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=ident(c)) for c in others)
+    mine = sql.SQL(", ").join(sql.SQL("t.{}").format(ident(c)) for c in others)
+    theirs = sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(ident(c)) for c in others)
+    where = sql.SQL("({mine}) IS DISTINCT FROM ({theirs})").format(mine=mine, theirs=theirs)
+    if VERSION_COLUMN in others:
+        where = sql.SQL("{where} AND (t.{v} IS NULL OR EXCLUDED.{v} IS NULL OR EXCLUDED.{v} >= t.{v})").format(
+            where=where, v=ident(VERSION_COLUMN))
+    return sql.SQL(
+        "INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM {stage} ORDER BY {ord} "
+        "ON CONFLICT ({target}) DO UPDATE SET {assign} WHERE {where} "
+        "RETURNING {pk}, (t.xmax = 0)"
+    ).format(table=table, cols=cols, stage=ident(stage), ord=ident(ORD), target=target, assign=assign,
+             where=where, pk=sql.SQL(", ").join(sql.SQL("t.{}").format(ident(c)) for c in pk))
+
+
+def classify_upserts(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]], pk_index: Sequence[int]) -> WriteResult:
+    """upsert_statement's outcome per input row: returned rows were inserted (last field true) or
+    updated; the rest changed nothing (counted, and indexed, as duplicates)."""
+    result = classify_duplicates(rows, [r[:-1] for r in returned], pk_index)
+    is_new = {r[:-1]: r[-1] for r in returned}  # one row per key: the batch was deduplicated
+    key_of = itemgetter(*pk_index)
+    unchanged = set(result.duplicate_indexes)
+    updated = tuple(i for i, row in enumerate(rows) if i not in unchanged and not is_new[key_of(row)])
+    return replace(result, inserted=len(returned) - len(updated), updated=len(updated), updated_indexes=updated)
 
 
 def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]],
@@ -95,9 +134,11 @@ class PgWriter:
     Writes ``schema.table``, always qualified: the search path never picks another schema's table."""
 
     def __init__(self, conninfo: str, schema: str, columns: Sequence[str] = COLUMNS, pk: Sequence[str] = PRIMARY_KEY,
-                 table: str = TABLE) -> None:
+                 table: str = TABLE, mode: WriteMode = IGNORE) -> None:
         self._conninfo = conninfo
-        self.columns = tuple(columns)
+        self.mode = mode
+        # Versioned updates: rows carry their version as one more field (sink/upsert.py).
+        self.columns = (*columns, VERSION_COLUMN) if mode.versioned else tuple(columns)
         self.pk = tuple(pk)
         self.schema = schema
         self.table = f"{schema}.{table}"  # for messages and logs
@@ -106,8 +147,14 @@ class PgWriter:
         self._conn: psycopg.Connection[Any] | None = None
         self._copy_sql = sql.SQL("COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)").format(
             stage=sql.Identifier(STAGE), cols=sql.SQL(", ").join(map(sql.Identifier, (*self.columns, ORD))))
-        self._insert_sql = insert_statement(self._table, self.columns, self.pk)
+        self._insert_sql = (upsert_statement(self._table, self.columns, self.pk) if mode.update
+                            else insert_statement(self._table, self.columns, self.pk))
         self._types: list[int] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PgWriter:
+        return cls(settings.conninfo(), settings.timescale_schema,
+                   mode=WriteMode.of(settings.write_mode, settings.write_version))
 
     @property
     def connected(self) -> bool:
@@ -186,8 +233,9 @@ class PgWriter:
                     turn.passed()
                 # rowcount is the number of returned rows.  All of them: no repeats, nothing to
                 # match (most batches outside the bench), and the keys are not turned into Python
-                # objects (a quarter of the client's CPU per row of such a write).
-                returned = None if cur.rowcount == len(rows) else cur.fetchall()
+                # objects (a quarter of the client's CPU per row of such a write).  Updates: the
+                # rows say which were new.
+                returned = None if cur.rowcount == len(rows) and not self.mode.update else cur.fetchall()
             conn.commit()
         except psycopg.Error as e:
             err = classify_db_error(e)
@@ -195,7 +243,8 @@ class PgWriter:
             raise err from e
         if returned is None:
             return WriteResult(inserted=len(rows), duplicates=0, insert_s=insert_s)
-        return replace(classify_duplicates(rows, returned, self._pk_index), insert_s=insert_s)
+        classify = classify_upserts if self.mode.update else classify_duplicates
+        return replace(classify(rows, returned, self._pk_index), insert_s=insert_s)
 
     def _keepalive(self) -> None:
         """A no-op statement in the open transaction, while write() waits for its turn: a batch

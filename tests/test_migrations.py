@@ -21,15 +21,17 @@ from sink.migrations import MigrationError, MigrationReport, load_migrations, mi
 from sink.model import COLUMNS, PRIMARY_KEY
 from sink.settings import Settings
 from sink.timescale import Availability, TimescalePolicies, preloaded
+from sink.upsert import VERSION_COLUMN
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 BASE = "001_iot_measurements.sql"
 TIMESCALE_FILES = ("002_timescaledb_hypertable.sql", "003_timescaledb_hourly_aggregate.sql")
+VERSION = "004_source_version.sql"
 EVIL = "1 day'; DROP TABLE iot_measurements; --"
 # What migrate() does on a fresh schema of the server under test.
 EXPECTED_FIRST_RUN = (
-    MigrationReport(applied=(BASE, *TIMESCALE_FILES), timescaledb=True) if services.TIMESCALEDB
-    else MigrationReport(applied=(BASE,), timescaledb=False, skipped=TIMESCALE_FILES)
+    MigrationReport(applied=(BASE, *TIMESCALE_FILES, VERSION), timescaledb=True) if services.TIMESCALEDB
+    else MigrationReport(applied=(BASE, VERSION), timescaledb=False, skipped=TIMESCALE_FILES)
 )
 
 
@@ -79,8 +81,9 @@ def test_first_run_creates_the_spec_table_and_records_the_migration(schema: str)
                 [schema],
             ).fetchall()
         )
-    # The insert follows the model's fields, so the table must have exactly those columns.
-    assert tuple(c for (c,) in columns) == COLUMNS
+    # The insert follows the model's fields, so the table must have exactly those columns, and
+    # the version WRITE_MODE=update guards its updates with.
+    assert tuple(c for (c,) in columns) == (*COLUMNS, VERSION_COLUMN)
     assert tuple(c for (c,) in pk) == PRIMARY_KEY
     assert 'USING btree (device_id, "timestamp" DESC)' in indexes["idx_iot_device_id"]
     assert 'USING btree (component_type, "timestamp" DESC)' in indexes["idx_iot_component"]
@@ -155,7 +158,7 @@ def test_timescaledb_migrations_are_skipped_unrecorded_and_a_warning_says_featur
 
     assert report.timescaledb is False
     assert report.skipped == TIMESCALE_FILES
-    assert [name for name, _, _ in recorded(schema)] == [BASE]
+    assert [name for name, _, _ in recorded(schema)] == [BASE, VERSION]
     assert not table_exists(schema, "iot_measurements_hourly")
     [warning] = [e for e in logs if e["event"] == "timescaledb_unavailable"]
     assert warning["log_level"] == "warning"
@@ -304,7 +307,8 @@ def test_unknown_variable_in_a_migration_is_an_error() -> None:
 def test_migration_files_are_numbered_and_timescaledb_ones_are_marked() -> None:
     found = load_migrations(REPO_SQL)
 
-    assert [(m.name, m.requires_timescaledb) for m in found] == [(BASE, False)] + [(f, True) for f in TIMESCALE_FILES]
+    assert [(m.name, m.requires_timescaledb) for m in found] == [
+        (BASE, False), *((f, True) for f in TIMESCALE_FILES), (VERSION, False)]
     # A continuous aggregate created WITH DATA cannot run inside the migration's transaction.
     assert "WITH NO DATA;" in found[2].text
 

@@ -18,6 +18,7 @@ from sink import timescale
 from sink.migrations import MigrationError, migrate
 from sink.settings import Settings
 from sink.timescale import HOURLY_VIEW, TABLE
+from sink.upsert import WriteMode
 from sink.writer import PgWriter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timescaledb]
@@ -229,6 +230,35 @@ def test_late_rows_into_compressed_chunks_are_written_and_counted_right(writer: 
 
     assert (result.inserted, result.duplicates) == (len(late_new), len(old[1::2]))
     assert testkit.row_count(schema) == len(old) + len(late_new)
+
+
+def test_corrections_into_compressed_chunks_update_the_rows_and_respect_the_version(writer: PgWriter,
+                                                                                  schema: str) -> None:
+    old = hours(NOW - timedelta(days=5), 24 * 2, 10)
+    updating = PgWriter(settings(schema).conninfo(), schema, mode=WriteMode(update=True, versioned=True))
+    try:
+        updating.write([(*r, 100) for r in old])
+        with testkit.connect() as conn:
+            compressed = conn.execute(f"SELECT count(compress_chunk(c)) FROM show_chunks('\"{schema}\".{TABLE}') c"
+                                      ).fetchone()
+        assert compressed is not None and compressed[0] >= 2
+        # Corrections of every other row, the rest redelivered as they were, and an older
+        # version of a corrected row (a late replay): all of it into compressed chunks.
+        corrected = [(*r[:5], r[5] + 1000, *r[6:], 200) for r in old[::2]]
+        same = [(*r, 100) for r in old[1::2]]
+        result = updating.write([*corrected, *same])
+        assert (result.inserted, result.updated, result.duplicates) == (0, len(corrected), len(same))
+        stale = updating.write([(*old[0], 150)])
+        assert (stale.updated, stale.duplicates) == (0, 1)
+    finally:
+        updating.close()
+    with testkit.connect() as conn:
+        got = dict(conn.execute(f'SELECT timestamp, value FROM "{schema}".{TABLE} WHERE device_id = %s',
+                                [old[0][1]]).fetchall())
+    for r in old:
+        if r[1] == old[0][1]:
+            assert got[r[0]] == (r[5] + 1000 if r in old[::2] else r[5])
+    assert testkit.row_count(schema) == len(old)
 
 
 def test_the_scheduler_runs_every_policy_job_successfully(writer: PgWriter, schema: str) -> None:

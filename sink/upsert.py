@@ -1,0 +1,65 @@
+"""WRITE_MODE=update: which record of a key a batch writes, and the version that guards it.
+
+Pure: the write stage and the DLQ replay call it before their writer; no I/O here.
+
+Order is the contract.  Within one partition, Kafka's order decides: the record at the higher
+offset wins.  Between partitions Kafka promises no order; the rule, deterministic across
+redeliveries, is that each partition's last record of the key competes and the one with the
+newer Kafka timestamp wins (equal timestamps: the higher partition number).  Corrections for
+one device belong in one partition (keyed by device) for Kafka's own order to hold.
+
+With the version guard (WRITE_VERSION=kafka_timestamp) every written row carries its record's
+Kafka timestamp in ``source_version``, and an update only goes through when the incoming
+version is not older than the stored one: a DLQ replay or a lagging replica re-applying an
+older record leaves a newer correction alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from sink.model import COLUMNS, PRIMARY_KEY, Row
+from sink.types import SourceRecord
+
+VERSION_COLUMN = "source_version"
+PK_INDEX = tuple(COLUMNS.index(c) for c in PRIMARY_KEY)  # the key's fields in a Row
+
+
+@dataclass(frozen=True)
+class WriteMode:
+    """ignore: INSERT ... ON CONFLICT DO NOTHING (the first record of a key stays).
+    update: ON CONFLICT DO UPDATE of the other columns, only where something differs;
+    versioned: the update is guarded by the record's Kafka timestamp (source_version)."""
+
+    update: bool = False
+    versioned: bool = False
+
+    @classmethod
+    def of(cls, mode: Literal["ignore", "update"], version: Literal["kafka_timestamp", "none"]) -> WriteMode:
+        update = mode == "update"
+        return cls(update=update, versioned=update and version == "kafka_timestamp")
+
+
+IGNORE = WriteMode()
+
+
+def latest_per_key(rows: Sequence[Row], sources: Sequence[SourceRecord], pk_index: Sequence[int]) -> list[int]:
+    """The indexes (ascending) of the rows that win for their key (module docstring's rule):
+    DO UPDATE cannot touch a row twice in one statement, so a batch sends one row per key."""
+    last: dict[tuple[object, ...], dict[int, int]] = {}  # key -> partition -> index of its highest offset
+    for i, row in enumerate(rows):
+        per_partition = last.setdefault(tuple(row[j] for j in pk_index), {})
+        j = per_partition.get(sources[i].partition)
+        if j is None or sources[i].offset > sources[j].offset:
+            per_partition[sources[i].partition] = i
+    if len(last) == len(rows):
+        return list(range(len(rows)))
+    return sorted(max(candidates.values(), key=lambda i: (sources[i].timestamp_ms or 0, sources[i].partition))
+                  for candidates in last.values())
+
+
+def versioned(rows: Sequence[Row], versions: Sequence[int | None]) -> list[Row]:
+    """Each row with its version appended (the writer's last column, source_version)."""
+    return [(*row, version) for row, version in zip(rows, versions, strict=True)]
