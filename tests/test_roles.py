@@ -90,9 +90,11 @@ def sink_command(*args: str, env: dict[str, str], expect: int | None = 0, timeou
     return res
 
 
-def migrate(roles: Roles, topic: str, group: str, **overrides: Any) -> None:
-    sink_command("-m", "sink", "migrate", env=roles.env(roles.owner, topic, group,
-                                                        timescale_writer_role=roles.writer, **overrides))
+def migrate(roles: Roles, topic: str, group: str, **overrides: Any) -> list[dict[str, Any]]:
+    """`migrate` as the owner, granting the runtime role; its JSON log lines."""
+    res = sink_command("-m", "sink", "migrate", env=roles.env(roles.owner, topic, group,
+                                                              timescale_writer_role=roles.writer, **overrides))
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
 def writer_privileges(roles: Roles, table: str = "iot_measurements") -> set[str]:
@@ -205,7 +207,11 @@ def test_migrate_grants_exactly_the_runtime_privileges_again_and_again(roles: Ro
     assert writer_privileges(roles) == {"SELECT", "INSERT", "UPDATE", "DELETE"}
 
     migrate(roles, topic, group)
-    migrate(roles, topic, group)
+    [granted] = [e for e in migrate(roles, topic, group) if e["event"] == "writer_role_granted"]
+    assert granted["role"] == roles.writer
+    assert granted["privileges"] == [f"USAGE on schema {roles.schema}",
+                                     f"SELECT, INSERT on {roles.schema}.iot_measurements",
+                                     f"SELECT on {roles.schema}.schema_migrations"]
     assert writer_privileges(roles) == {"SELECT", "INSERT"}
     assert writer_privileges(roles, "schema_migrations") == {"SELECT"}
     schema_privileges = services.psql_admin(
