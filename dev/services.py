@@ -591,6 +591,21 @@ def psql_admin(sql: str, db: str | None = None) -> str:
     return _psql_admin(bindir, sql, db or PG_DB)
 
 
+def psql_admin_script(script: str, variables: dict[str, str], db: str | None = None) -> str:
+    """Run a psql script (stdin) with psql variables (``--set name=value``) as the cluster
+    superuser, as the TimescaleDB image runs its initialisation scripts."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        raise ServiceError("PostgreSQL is not installed")
+    _, _, run = _pg_paths()
+    sets = [arg for name, value in variables.items() for arg in ("--set", f"{name}={value}")]
+    res = _as_pg_user([str(bindir / "psql"), "--no-psqlrc", "-h", str(run), "-p", str(PG_PORT), "-U", "postgres",
+                       "-d", db or PG_DB, "-v", "ON_ERROR_STOP=1", "-tA", *sets], input=script)
+    if res.returncode != 0:
+        raise ServiceError(f"psql script failed: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
 def stop_postgres(mode: str = "fast", timeout: float = 60.0) -> None:
     """pg_ctl stop with mode fast (clean) or immediate (crash-like, for chaos tests)."""
     with _locked(PG_FLAVOR):

@@ -158,7 +158,7 @@ def _replay(settings: Settings, args: argparse.Namespace, flt: ReplayFilter) -> 
     opts = ReplayOptions(
         dlq_topic=args.dlq_topic or settings.dlq_topic, filter=flt, on_failure=OnFailure(args.on_failure),
         dry_run=args.dry_run, to_topic=args.to_topic, max_records=args.max, batch_size=args.batch_size,
-        max_splits=settings.bisect_max_splits, write_mode=WriteMode.of(settings.write_mode, settings.write_version),
+        max_splits=settings.bisect_max_splits, write_mode=WriteMode.from_settings(settings),
         retry=RetryPolicy(attempts=settings.retry_max_attempts or RetryPolicy.attempts,
                           initial_backoff=settings.retry_initial_backoff,
                           max_backoff=max(settings.retry_max_backoff, settings.retry_initial_backoff)),

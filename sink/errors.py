@@ -70,6 +70,8 @@ _POISON_CLASSES = frozenset({"22", "23"})
 # session (idle_in_transaction_session_timeout, PostgreSQL 17's transaction_timeout); the
 # retry reconnects.
 _RETRYABLE_CODES = frozenset({"55P03", "55006", "25P03", "25P04"})
+# A privilege the role lacks: no retry grants it.  PostgreSQL's message names the object.
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 # libpq's words for a TLS setup that no retry can fix (no SQLSTATE: the connection never started).
@@ -109,8 +111,17 @@ def classify_db_error(exc: BaseException, cause: str = "db_write") -> SinkError:
     if sqlstate:
         if sqlstate[:2] in _POISON_CLASSES:
             return PoisonError(type(exc).__name__, message, sqlstate)
+        if sqlstate == INSUFFICIENT_PRIVILEGE:
+            return FatalError(privilege_message(exc))
         return FatalError(f"database error [{sqlstate}] {type(exc).__name__}: {message}")
     return FatalError(f"unexpected database error {type(exc).__name__}: {message}")
+
+
+def privilege_message(exc: BaseException) -> str:
+    """SQLSTATE 42501 for the operator: the server's words (they name the object), and where
+    the grants are listed."""
+    return (f"insufficient privilege [{INSUFFICIENT_PRIVILEGE}]: {pg_message(exc)}; the role in TIMESCALE_USER "
+            "lacks it (docs/security.md lists what each role needs)")
 
 
 def retry_log_fields(cause: str, state: RetryCallState) -> dict[str, Any]:

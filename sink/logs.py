@@ -30,6 +30,7 @@ EVENTS: dict[str, str] = {
     "timescaledb_enabled": "the timescaledb extension is present; hypertable features are on",
     "timescaledb_unavailable": "the timescaledb extension is missing; plain PostgreSQL mode",
     "timescale_policy_set": "a compression/retention/refresh policy was (re)applied",
+    "writer_role_granted": "migrate gave TIMESCALE_WRITER_ROLE exactly the runtime privileges (role, privileges)",
     # kafka
     "partitions_assigned": "the group gave this instance partitions",
     "partitions_revoked": "partitions were taken away; their unwritten records are dropped",

@@ -11,6 +11,8 @@
 4. With TimescaleDB: re-set the chunk interval and the compression, retention and refresh
    policies wherever they differ from the settings (``sink.timescale.reconcile``), and log
    each change once its transaction committed.
+5. With TIMESCALE_WRITER_ROLE: give that role exactly the runtime privileges on the schema's
+   objects (``sink.grants.grant_runtime``), in one transaction; the same again is a no-op.
 
 Every object is named in ``TIMESCALE_SCHEMA`` (the ledger ``schema_migrations`` too): another
 schema's tables, reachable through the search path, are never read or written.
@@ -36,15 +38,19 @@ from psycopg import sql
 
 from sink import timescale
 from sink.catalog import relation_exists, scalar, schema_exists
-from sink.errors import db_error_is_retryable, pg_message
+from sink.errors import INSUFFICIENT_PRIVILEGE, db_error_is_retryable, pg_message
+from sink.grants import grant_runtime
 from sink.logs import get_logger
 from sink.settings import ConfigError, Settings
 from sink.timescale import MIN_REFRESH_WINDOW, RETENTION_MARGIN, TimescalePolicies, TimescaleVersionError
+from sink.upsert import WriteMode, updated_columns
+from sink.writer import TABLE
 
 log = get_logger(__name__)
 
 SQL_DIR_ENV = "SINK_SQL_DIR"
 LEDGER = "schema_migrations"
+AGGREGATE = "iot_measurements_hourly"  # 003's view: the runtime role has no business with it
 
 _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 _REQUIRES = re.compile(r"^--\s*requires:\s*(.+?)\s*$")
@@ -198,6 +204,10 @@ def migrate(settings: Settings) -> MigrationReport:
                     "compression, retention or hourly aggregate)",
                     skipped=skipped,
                 )
+            # Step 5.
+            if settings.timescale_writer_role:
+                _grant_writer(conn, schema, settings.timescale_writer_role,
+                              updated_columns(WriteMode.from_settings(settings)))
         except psycopg.Error as e:
             if db_error_is_retryable(e):
                 raise
@@ -305,6 +315,16 @@ def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration, variables: 
     return True
 
 
+def _grant_writer(conn: psycopg.Connection[Any], schema: str, role: str, update: tuple[str, ...]) -> None:
+    if not scalar(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", [role]):
+        raise MigrationError(f"TIMESCALE_WRITER_ROLE={role!r}: no such role (create it first, "
+                             "see deploy/postgres/sink-roles.sql)")
+    with conn.transaction():
+        _lock(conn, schema)
+        granted = grant_runtime(conn, schema, role, TABLE, LEDGER, (AGGREGATE,), update)
+    log.info("writer_role_granted", role=role, schema=schema, privileges=granted)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -318,4 +338,7 @@ def _lock(conn: psycopg.Connection[Any], schema: str) -> None:
 
 
 def _describe(e: psycopg.Error) -> str:
+    if e.sqlstate == INSUFFICIENT_PRIVILEGE:
+        return (f"{pg_message(e)} (SQLSTATE {e.sqlstate}): migrations run as the owner of the schema and its "
+                "tables (TIMESCALE_USER), not as the runtime role (see docs/security.md)")
     return f"{pg_message(e)} (SQLSTATE {e.sqlstate})" if e.sqlstate else pg_message(e)

@@ -82,7 +82,7 @@ class PipelineConfig:
         return cls(topic=s.kafka_input_topic, batch_size=s.batch_size, batch_timeout=s.batch_timeout,
                    max_splits=s.bisect_max_splits, retry=RetryPolicy.from_settings(s),
                    shutdown_timeout=s.shutdown_timeout, commit_interval=s.kafka_commit_interval,
-                   write_mode=WriteMode.of(s.write_mode, s.write_version))
+                   write_mode=WriteMode.from_settings(s))
 
 
 class ShutdownExpired(Exception):

@@ -20,9 +20,11 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from sink import timescale
 from sink.catalog import relation_exists, scalar, schema_exists
 from sink.errors import kafka_error, pg_message
+from sink.grants import missing_write_privileges
 from sink.migrations import MigrationError, load_migrations, recorded_migrations, sql_dir
 from sink.settings import Settings
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+from sink.upsert import WriteMode, updated_columns
 from sink.writer import TABLE
 
 Status = Literal["ok", "note", "problem"]
@@ -226,9 +228,6 @@ def _migrations(conn: psycopg.Connection[Any], s: Settings, timescaledb: bool) -
                    "RUN_MIGRATIONS=false", "run `kafka-timescale-sink migrate` with the migration role")
 
 
-_NEEDED = ("SELECT", "INSERT")  # the writer reads conflicting rows back and inserts
-
-
 def _privileges(conn: psycopg.Connection[Any], s: Settings) -> Finding:
     schema, user = s.timescale_schema, s.timescale_user
     table = f"{schema}.{TABLE}"
@@ -237,16 +236,10 @@ def _privileges(conn: psycopg.Connection[Any], s: Settings) -> Finding:
             return Finding("postgresql", "privileges", "note", f"{table} does not exist yet; migrations create it")
         return Finding("postgresql", "privileges", "problem", f"{table} does not exist",
                        "run `kafka-timescale-sink migrate`")
-    missing = [p for p in _NEEDED if not scalar(
-        conn, "SELECT has_table_privilege(format('%%I.%%I', %s::text, %s::text), %s)", [schema, TABLE, p])]
-    if not scalar(conn, "SELECT has_schema_privilege(%s, 'USAGE')", [schema]):
-        missing.insert(0, f"USAGE on schema {schema}")
-    if not scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMPORARY')"):
-        missing.append("TEMPORARY on the database (the batch's staging table)")
+    missing = missing_write_privileges(conn, schema, TABLE, updated_columns(WriteMode.from_settings(s)))
     if missing:
-        grants = [f"GRANT {p} ON {table} TO {user};" for p in _NEEDED if p in missing]
-        return Finding("postgresql", "privileges", "problem", f"{user} lacks {', '.join(missing)}",
-                       " ".join(grants) or f"grant them to {user}")
+        return Finding("postgresql", "privileges", "problem", f"{user} lacks {', '.join(map(str, missing))}",
+                       " ".join(m.grant for m in missing))
     return Finding("postgresql", "privileges", "ok", f"{user} may read and write {table}")
 
 

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     timescale_db: str = "timeseries"
     timescale_user: str = "ts_user"
     timescale_password: SecretStr = SecretStr("ts_password")
+    # A file holding the password (Docker/Kubernetes secrets), read when TIMESCALE_PASSWORD is unset.
+    timescale_password_file: str = ""
     timescale_connect_timeout: int = Field(10, ge=1)
     # TLS to PostgreSQL, as libpq's sslmode/sslrootcert/sslcert/sslkey (empty: libpq's default).
     timescale_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
@@ -64,6 +66,8 @@ class Settings(BaseSettings):
     timescale_sslkey: str = ""
     # Schema holding iot_measurements and the migrations table (tests use one per test).
     timescale_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # The runtime role: `migrate` grants it exactly what `run` and `sink-dlq replay` need.
+    timescale_writer_role: str = Field("", max_length=63)
 
     # --- Writing (sink/upsert.py).  ignore: INSERT ... ON CONFLICT DO NOTHING, the first record of
     # a key stays.  update: a later record of the key overwrites it where something differs;
@@ -111,6 +115,32 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """Each secret's ``*_FILE`` variant (SECRET_FILES): the file's content, less its trailing
+        line break, stands for the variable when that is unset.  The content is never quoted."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for secret, file_field in SECRET_FILES.items():
+            path = data.get(file_field)
+            if not path:
+                continue
+            env, file_env = secret.upper(), file_field.upper()
+            if data.get(secret) is not None:
+                raise ValueError(f"{env} and {file_env} are both set: set one")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    value = f.read().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{file_env}={path!r} cannot be read: {type(e).__name__}"
+                                 f"{f' ({e.strerror})' if isinstance(e, OSError) and e.strerror else ''}") from None
+            if not value:
+                raise ValueError(f"{file_env}={path!r} is empty")
+            data[secret] = value
+        return data
+
     @field_validator("kafka_extra_config", mode="before")
     @classmethod
     def _parse_extra(cls, v: Any) -> Any:
@@ -139,6 +169,9 @@ class Settings(BaseSettings):
         if self.dlq_topic == self.kafka_input_topic:
             raise ValueError("KAFKA_DLQ_TOPIC must differ from KAFKA_INPUT_TOPIC")
         self._check_tls_files()
+        if self.timescale_writer_role and self.timescale_writer_role == self.timescale_user:
+            raise ValueError("TIMESCALE_WRITER_ROLE names TIMESCALE_USER: it is the runtime role that the "
+                             "owner (TIMESCALE_USER of `migrate`) grants to, not the owner itself")
         return self
 
     def _check_tls_files(self) -> None:
@@ -205,6 +238,10 @@ def _librdkafka_refusal(conf: dict[str, str]) -> str | None:
             text = text.replace(f'"{value}"', '"***"')
         return text
     return None
+
+
+# Secret setting -> the setting naming a file that holds it (``<NAME>_FILE``).
+SECRET_FILES = {"timescale_password": "timescale_password_file"}
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sink.model import COLUMNS, PRIMARY_KEY, Row
+from sink.settings import Settings
 from sink.types import SourceRecord
 
 VERSION_COLUMN = "source_version"
@@ -41,8 +42,20 @@ class WriteMode:
         update = mode == "update"
         return cls(update=update, versioned=update and version == "kafka_timestamp")
 
+    @classmethod
+    def from_settings(cls, s: Settings) -> WriteMode:
+        return cls.of(s.write_mode, s.write_version)
+
 
 IGNORE = WriteMode()
+
+
+def updated_columns(mode: WriteMode) -> tuple[str, ...]:
+    """The columns an update writes, which the runtime role needs UPDATE on (none in ignore mode)."""
+    if not mode.update:
+        return ()
+    others = tuple(c for c in COLUMNS if c not in PRIMARY_KEY)
+    return (*others, VERSION_COLUMN) if mode.versioned else others
 
 
 def latest_per_key(rows: Sequence[Row], sources: Sequence[SourceRecord], pk_index: Sequence[int]) -> list[int]:

@@ -14,11 +14,12 @@ import psycopg
 from psycopg import sql
 
 from sink.errors import FatalError, SinkError, classify_db_error
+from sink.grants import missing_write_privileges
 from sink.logs import get_logger
 from sink.model import COLUMNS, PRIMARY_KEY, Row
 from sink.settings import Settings
 from sink.types import InsertTurn, WriteResult
-from sink.upsert import IGNORE, VERSION_COLUMN, WriteMode
+from sink.upsert import IGNORE, VERSION_COLUMN, WriteMode, updated_columns
 
 log = get_logger("sink.writer")
 _INT4_OID = 23
@@ -142,6 +143,7 @@ class PgWriter:
         self.pk = tuple(pk)
         self.schema = schema
         self.table = f"{schema}.{table}"  # for messages and logs
+        self._table_name = table
         self._table = sql.Identifier(schema, table)
         self._pk_index = tuple(self.columns.index(c) for c in self.pk)
         self._conn: psycopg.Connection[Any] | None = None
@@ -154,7 +156,7 @@ class PgWriter:
     @classmethod
     def from_settings(cls, settings: Settings) -> PgWriter:
         return cls(settings.conninfo(), settings.timescale_schema,
-                   mode=WriteMode.of(settings.write_mode, settings.write_version))
+                   mode=WriteMode.from_settings(settings))
 
     @property
     def connected(self) -> bool:
@@ -177,6 +179,7 @@ class PgWriter:
             with conn.cursor() as cur:
                 for name, value in SESSION_SETTINGS.items():
                     cur.execute(sql.SQL("SELECT set_config({}, {}, false)").format(name, value))
+                self._check_privileges(conn)
                 self._types = [*self._column_types(cur), _INT4_OID]  # + the stage's ORD
                 # LIKE copies column types (and NOT NULL) but no other constraint: checks and
                 # uniqueness are the table's job, so poison rows fail in the INSERT and not here.
@@ -193,6 +196,15 @@ class PgWriter:
             raise
         self._conn = conn
         log.info("db_connected", table=self.table)
+
+    def _check_privileges(self, conn: psycopg.Connection[Any]) -> None:
+        # Asked of the catalog before the first write: each missing privilege is named, with its
+        # GRANT, instead of the server's "permission denied for table" on the first batch.
+        missing = missing_write_privileges(conn, self.schema, self._table_name, updated_columns(self.mode))
+        if missing:
+            raise FatalError(f"role {missing[0].role} lacks {', '.join(map(str, missing))}: "
+                             f"{' '.join(m.grant for m in missing)} (as the owner; or run `kafka-timescale-sink "
+                             "migrate` with TIMESCALE_WRITER_ROLE naming this role; see docs/security.md)")
 
     def _column_types(self, cur: psycopg.Cursor[Any]) -> list[int]:
         cur.execute(

@@ -19,14 +19,13 @@ from tests.test_alert_rules import promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The spec's "Environment Variables" block.
+# The spec's "Environment Variables" block, less its user and password: the sink runs as the
+# runtime role, not as the database's superuser (docs/security.md).
 SPEC_ENV = {
     "KAFKA_BOOTSTRAP_SERVERS": "kafka:29092",
     "KAFKA_INPUT_TOPIC": "decoded_iot_data",
     "TIMESCALE_HOST": "timescaledb",
     "TIMESCALE_DB": "timeseries",
-    "TIMESCALE_USER": "ts_user",
-    "TIMESCALE_PASSWORD": "ts_password",
     "TIMESCALE_PORT": "5432",
     # The spec's names with the service's throughput defaults (README, "Configuration").
     "BATCH_SIZE": "2500",
@@ -65,7 +64,7 @@ def depends(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_compose_has_the_pipeline_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"kafka", "timescaledb", "topics", "sink", "demo", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "timescaledb", "topics", "migrate", "sink", "demo", "prometheus", "grafana"}
 
 
 def test_kafka_is_the_official_image_as_a_single_kraft_node(services: dict[str, Any]) -> None:
@@ -86,7 +85,8 @@ def test_timescaledb_is_pinned_to_the_release_the_suite_verified(services: dict[
 
     assert match, db["image"]
     assert tuple(int(x) for x in match.groups()) >= MIN_TIMESCALEDB
-    assert env(db) == {"POSTGRES_DB": "timeseries", "POSTGRES_USER": "ts_user", "POSTGRES_PASSWORD": "ts_password"}
+    assert {k: v for k, v in env(db).items() if k.startswith("POSTGRES_")} == {
+        "POSTGRES_DB": "timeseries", "POSTGRES_USER": "ts_user", "POSTGRES_PASSWORD": "ts_password"}
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
 
 
@@ -116,6 +116,7 @@ def test_sink_builds_here_restarts_and_waits_for_healthy_dependencies(services: 
         "kafka": "service_healthy",
         "timescaledb": "service_healthy",
         "topics": "service_completed_successfully",
+        "migrate": "service_completed_successfully",
     }
     probe = " ".join(sink["healthcheck"]["test"])
     assert "urllib.request.urlopen" in probe
@@ -152,6 +153,76 @@ def test_every_dependency_exists_and_healthy_ones_have_a_healthcheck(services: d
             assert condition in {"service_healthy", "service_completed_successfully", "service_started"}
             if condition == "service_healthy":
                 assert "test" in services[dep].get("healthcheck", {}), f"{dep} has no healthcheck"
+
+
+# --------------------------------------------------------------------------- PostgreSQL roles
+
+
+ROLES_SCRIPT = ROOT / "deploy" / "postgres" / "100-sink-roles.sh"
+
+
+def role_script_sets() -> dict[str, str]:
+    """The psql variables 100-sink-roles.sh gives sink-roles.sql (``--set name=value``)."""
+    return dict(re.findall(r"--set (\w+)=(\S+)", ROLES_SCRIPT.read_text()))
+
+
+def test_the_sink_runs_as_the_runtime_role_without_migrations(services: dict[str, Any]) -> None:
+    sink_env = env(services["sink"])
+    owner = env(services["migrate"])
+
+    assert sink_env["TIMESCALE_USER"] == role_script_sets()["writer_role"] == owner["TIMESCALE_WRITER_ROLE"]
+    assert sink_env["RUN_MIGRATIONS"] == "false"
+    assert sink_env["TIMESCALE_SCHEMA"] == owner["TIMESCALE_SCHEMA"] == role_script_sets()["schema"]
+
+
+def test_a_one_shot_migrate_job_runs_as_the_owner_and_grants_the_runtime_role(services: dict[str, Any]) -> None:
+    job = services["migrate"]
+    owner = env(job)
+
+    assert job["command"] == ["migrate"] and job["build"] == "." and job["restart"] == "no"
+    assert depends(job) == {"timescaledb": "service_healthy"}
+    assert job["healthcheck"] == {"disable": True}, "the image's probe waits for a metrics server migrate never starts"
+    assert owner["TIMESCALE_USER"] == role_script_sets()["owner_role"]
+    assert owner["TIMESCALE_WRITER_ROLE"] != owner["TIMESCALE_USER"]
+    # The same settings as the sink's but the role: the policies it sets are the sink's.
+    role = {"TIMESCALE_USER", "TIMESCALE_PASSWORD", "TIMESCALE_WRITER_ROLE"}
+    assert {k: v for k, v in owner.items() if k not in role} == {
+        k: v for k, v in env(services["sink"]).items() if k not in role}
+    Settings(**{k.lower(): v for k, v in owner.items()})
+
+
+def test_no_service_but_the_database_uses_its_superuser(services: dict[str, Any]) -> None:
+    superuser = env(services["timescaledb"])["POSTGRES_USER"]
+    for name, service in services.items():
+        if name != "timescaledb":
+            assert env(service).get("TIMESCALE_USER", "") != superuser, name
+
+
+def test_each_role_has_one_password_shared_by_the_database_and_its_user(compose: dict[str, Any],
+                                                                       services: dict[str, Any]) -> None:
+    raw = {name: service.get("environment") or {} for name, service in services.items()}
+    # The role script reads its passwords from the database service's environment.
+    for variable in ("TIMESCALE_OWNER_PASSWORD", "TIMESCALE_WRITER_PASSWORD"):
+        assert f'"${variable}"' in ROLES_SCRIPT.read_text()
+        assert raw["timescaledb"][variable] == f"${{{variable}:-{env(services['timescaledb'])[variable]}}}"
+    assert raw["migrate"]["TIMESCALE_PASSWORD"] == raw["timescaledb"]["TIMESCALE_OWNER_PASSWORD"]
+    assert raw["sink"]["TIMESCALE_PASSWORD"] == raw["timescaledb"]["TIMESCALE_WRITER_PASSWORD"]
+    assert len({raw["timescaledb"][v] for v in ("POSTGRES_PASSWORD", "TIMESCALE_OWNER_PASSWORD",
+                                                "TIMESCALE_WRITER_PASSWORD")}) == 3
+
+
+def test_the_database_image_runs_the_role_script_at_initialisation(services: dict[str, Any]) -> None:
+    files = mounts(services["timescaledb"])
+    script = files["/docker-entrypoint-initdb.d/100-sink-roles.sh"]
+    sql_file = re.search(r"--file (\S+)", script.read_text())
+
+    assert script == ROLES_SCRIPT and ROLES_SCRIPT.stat().st_mode & 0o111, "executable: the image runs it"
+    assert sql_file is not None and files[sql_file.group(1)] == ROOT / "deploy" / "postgres" / "sink-roles.sql"
+    assert not sql_file.group(1).startswith("/docker-entrypoint-initdb.d/"), "the image would run it without variables"
+    text = files[sql_file.group(1)].read_text()
+    assert all(f":'{name}'" in text or f':"{name}"' in text for name in role_script_sets())
+    res = subprocess.run(["bash", "-n", str(ROLES_SCRIPT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 # --------------------------------------------------------------------------- Dockerfile

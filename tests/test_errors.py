@@ -87,7 +87,6 @@ def test_data_and_integrity_errors_are_poison(sqlstate: str) -> None:
         "28000",  # invalid_authorization_specification
         "42P01",  # undefined_table
         "42703",  # undefined_column
-        "42501",  # insufficient_privilege
         "3D000",  # invalid_catalog_name (no such database)
         "25P02",  # in_failed_sql_transaction (a bug in the writer)
         "55000",  # object_not_in_prerequisite_state: 55 is fatal except 55P03/55006
@@ -101,6 +100,14 @@ def test_configuration_and_other_errors_are_fatal(sqlstate: str) -> None:
     assert isinstance(out, FatalError)
     assert f"[{sqlstate}]" in str(out)
     assert type(exc).__name__ in str(out)
+
+
+def test_a_missing_privilege_is_fatal_naming_the_object_and_where_the_grants_are() -> None:
+    exc = server_error(pg_errors.InsufficientPrivilege, "42501", "permission denied for table iot_measurements")
+    out = classify_db_error(exc)
+    assert isinstance(out, FatalError)
+    assert str(out).startswith("insufficient privilege [42501]: permission denied for table iot_measurements")
+    assert "TIMESCALE_USER" in str(out) and "docs/security.md" in str(out)
 
 
 def test_check_violation_subclass_is_poison_with_the_server_message_and_detail() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,45 @@ def test_password_is_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -
 
 def test_an_empty_database_host_is_refused_not_taken_for_a_unix_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "TIMESCALE_HOST" in config_error(monkeypatch, TIMESCALE_HOST="")
+
+
+# --------------------------------------------------------------------------- secrets from files
+
+
+def test_the_password_file_is_read_when_the_password_is_unset(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    # As Docker and Kubernetes write secrets: often with a trailing line break, never meant.
+    (tmp_path / "pw").write_text(PASSWORD + "\r\n")
+    monkeypatch.setenv("TIMESCALE_PASSWORD_FILE", str(tmp_path / "pw"))
+    s = load_settings()
+    assert s.timescale_password.get_secret_value() == PASSWORD
+    assert f"password={PASSWORD} " in s.conninfo() + " "
+    assert PASSWORD not in json.dumps(s.safe_summary()) and PASSWORD not in repr(s)
+
+
+def test_a_password_and_a_password_file_together_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text(PASSWORD)
+    message = config_error(monkeypatch, TIMESCALE_PASSWORD="other", TIMESCALE_PASSWORD_FILE=str(tmp_path / "pw"))
+    assert "TIMESCALE_PASSWORD and TIMESCALE_PASSWORD_FILE are both set" in message
+    assert PASSWORD not in message and "other" not in message
+
+
+@pytest.mark.parametrize(("content", "says"), [(None, "cannot be read: FileNotFoundError"), ("\n", "is empty"),
+                                               (b"\xff\xfe", "cannot be read: UnicodeDecodeError")])
+def test_an_unusable_password_file_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               content: str | bytes | None, says: str) -> None:
+    path = tmp_path / "pw"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    message = config_error(monkeypatch, TIMESCALE_PASSWORD_FILE=str(path))
+    assert f"TIMESCALE_PASSWORD_FILE='{path}' {says}" in message
+
+
+def test_the_writer_role_may_not_be_the_role_that_migrates(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = config_error(monkeypatch, TIMESCALE_USER="sink_owner", TIMESCALE_WRITER_ROLE="sink_owner")
+    assert "TIMESCALE_WRITER_ROLE names TIMESCALE_USER" in message
+    monkeypatch.setenv("TIMESCALE_WRITER_ROLE", "sink_writer")
+    assert load_settings().timescale_writer_role == "sink_writer"
