@@ -19,7 +19,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from sink.committer import OffsetSink, producer_config
 from sink.envelope import DlqRecord
-from sink.errors import FatalError, RetryableError, classify_kafka_error, kafka_error
+from sink.errors import FatalError, KafkaAccess, RetryableError, classify_kafka_error, kafka_error
+from sink.kafka_auth import LoginWatch
 from sink.produce import produce_waiting
 from sink.settings import Settings
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
@@ -41,18 +42,21 @@ class TransactionalOutbox:
     """
 
     def __init__(self, settings: Settings, source: OffsetSink, group: str, timeout: float = 30.0,
-                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, access: KafkaAccess | None = None) -> None:
         self._source = source
+        self._access = access
         self._timeout = timeout
         conf = producer_config(settings, transactional=True, dlq_max_bytes=dlq_max_bytes)
         conf["transactional.id"] = transactional_id(group)
         conf["client.id"] = f"sink-dlq-replay-{group}"
-        self._producer = Producer(conf)
+        watch = LoginWatch()
+        self._producer = Producer({**conf, "error_cb": watch})
         self._in_txn = False
         try:
             self._producer.init_transactions(timeout)
         except KafkaException as e:
-            raise classify_kafka_error(e, "init_transactions") from e
+            watch.check(self._producer, "init_transactions")  # a refused login times init_transactions out
+            raise classify_kafka_error(e, "init_transactions", access) from e
 
     def complete(self, outputs: Sequence[Output], offsets: dict[TP, int]) -> None:
         if not outputs and not offsets:
@@ -82,19 +86,19 @@ class TransactionalOutbox:
                 if err is not None and err.txn_requires_abort():
                     raise self._abort(err, "replay_commit") from e
                 if err is None or not err.retriable() or err.fatal():
-                    raise _fatal(err, "replay_commit") from e
+                    raise _fatal(err, "replay_commit", self._access) from e
         raise FatalError("commit_transaction kept timing out; the next run settles the transaction")
 
     def _abort(self, err: Any, cause: str) -> Exception:
         """Abort the open transaction; retryable only if the abort worked and the error allows it."""
         if err is not None and (err.fatal() or err.code() in _FENCED):
-            return _fatal(err, cause)
+            return _fatal(err, cause, self._access)
         try:
             self._producer.abort_transaction(self._timeout)
             self._in_txn = False
         except KafkaException as e:
-            return _fatal(kafka_error(e), "abort_transaction")
-        out = classify_kafka_error(err, cause)
+            return _fatal(kafka_error(e), "abort_transaction", self._access)
+        out = classify_kafka_error(err, cause, self._access)
         return out if isinstance(out, FatalError) else RetryableError(cause, f"transaction aborted: {out}")
 
     def close(self) -> None:
@@ -106,12 +110,12 @@ class TransactionalOutbox:
         self._producer.flush(5)
 
 
-def _fatal(err: Any, cause: str) -> FatalError:
+def _fatal(err: Any, cause: str, access: KafkaAccess | None) -> FatalError:
     code = err.code() if err is not None else None
     if code in _FENCED:
         return FatalError("another replay with the same consumer group took over (this one was fenced); "
                           "its batch in flight was not committed")
-    out = classify_kafka_error(err, cause)
+    out = classify_kafka_error(err, cause, access)
     return out if isinstance(out, FatalError) else FatalError(str(out))
 
 
@@ -127,8 +131,10 @@ class PlainOutbox:
     batch does not repeat the records already acknowledged."""
 
     def __init__(self, settings: Settings, source: OffsetSink, timeout: float = 30.0,
-                 producer: Any = None, dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 producer: Any = None, dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+                 access: KafkaAccess | None = None) -> None:
         self._source = source
+        self._access = access
         self._timeout = timeout
         # A confluent_kafka Producer; tests pass a fake.
         self._producer = producer if producer is not None else Producer(
@@ -152,7 +158,7 @@ class PlainOutbox:
             try:
                 _produce(self._producer, topic, rec, batch.on_ack(i))
             except KafkaException as e:  # refused before queueing, e.g. larger than message.max.bytes
-                raise classify_kafka_error(e, "replay_produce") from e
+                raise classify_kafka_error(e, "replay_produce", self._access) from e
             batch.mark_queued(i)
         # Step 2.
         if batch.outputs:
@@ -161,7 +167,7 @@ class PlainOutbox:
                 raise RetryableError("replay_produce",
                                      f"{len(batch.queued)} records not acknowledged in {self._timeout}s")
             if batch.failed:
-                raise classify_kafka_error(next(iter(batch.failed.values())), "replay_produce")
+                raise classify_kafka_error(next(iter(batch.failed.values())), "replay_produce", self._access)
         # Step 3.
         self._source.commit(offsets)
         self._batch = None

@@ -15,7 +15,7 @@ from confluent_kafka import KafkaException
 
 from dlq.outbox import PlainOutbox, TransactionalOutbox, transactional_id
 from dlq.progress import ProgressReporter, reporter
-from dlq.reader import ConsumerOffsets, DlqReader, capture_plan, open_consumer
+from dlq.reader import ConsumerOffsets, DlqReader, capture_plan, open_consumer, reader_access
 from dlq.replay import Outbox, Outcome, Replayer, ReplayOptions, ReplayResult, retry
 from sink.errors import FatalError, classify_kafka_error
 from sink.logs import get_logger
@@ -121,25 +121,29 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
         writer = w
     consumer = open_consumer(settings, group)
     closers.append(consumer.close)
+    access = reader_access(settings, opts.dlq_topic, group)
     if opts.to_topic is not None:
         _check_topic(consumer, opts.to_topic)
     # Step 2.  Records that fail again go back to the DLQ fitted to what it takes.
     limit = retry(policy, "dlq_topic", lambda: dlq_max_message_bytes(settings, opts.dlq_topic))
     outbox: Outbox | None = None
     if not opts.dry_run:
-        offsets = ConsumerOffsets(consumer)
+        offsets = ConsumerOffsets(consumer, access)
+        written = (opts.dlq_topic, *([opts.to_topic] if opts.to_topic else []))
+        out_access = replace(access, topic_operation="WRITE", topics=written, transactional_id=transactional_id(group))
         if settings.kafka_transactional:
             tx = retry(policy, "init_transactions",
-                       lambda: TransactionalOutbox(settings, offsets, group, dlq_max_bytes=limit))
+                       lambda: TransactionalOutbox(settings, offsets, group, dlq_max_bytes=limit, access=out_access))
             closers.append(tx.close)
             outbox = tx
         else:
-            plain = PlainOutbox(settings, offsets, dlq_max_bytes=limit)
+            plain = PlainOutbox(settings, offsets, dlq_max_bytes=limit, access=out_access)
             closers.append(plain.close)
             outbox = plain
     # Step 3.
-    plan = retry(policy, "dlq_offsets", lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True))
-    return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox, limit
+    plan = retry(policy, "dlq_offsets",
+                 lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True, access=access))
+    return DlqReader(consumer, opts.dlq_topic, plan, access=access), writer, outbox, limit
 
 
 def _markers(offsets: int, result: ReplayResult | None) -> int | None:

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord, fit_record, parse_headers, record_bytes
-from sink.errors import FatalError, RetryableError, classify_kafka_error, kafka_error
+from sink.errors import FatalError, KafkaAccess, RetryableError, classify_kafka_error, kafka_error
+from sink.kafka_auth import LoginWatch, principal
 from sink.logs import get_logger
 from sink.produce import produce_waiting
 from sink.settings import Settings
@@ -55,8 +56,7 @@ def producer_config(settings: Settings, transactional: bool,
     """dlq_max_bytes: the largest record the DLQ topic takes (its max.message.bytes).
     transactional_id: the one to use (default: transactional_id_for(settings))."""
     conf: dict[str, Any] = {
-        **settings.kafka_extra_config,
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **settings.kafka_client_config(),
         "client.id": f"kafka-timescale-sink-dlq-{socket.gethostname()}",
         "enable.idempotence": True,
         "acks": "all",
@@ -92,8 +92,21 @@ def producer_config(settings: Settings, transactional: bool,
 def transactional_id_for(settings: Settings) -> str:
     """KAFKA_TRANSACTIONAL_ID if set, else a new unique id (each call makes another)."""
     return settings.kafka_transactional_id or (
-        f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        f"{transactional_id_prefix(settings)}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     )
+
+
+def transactional_id_prefix(settings: Settings) -> str:
+    """What every transactional id of this sink (and of its `check`) starts with: the ACL's PREFIXED name."""
+    if settings.kafka_transactional_id:
+        return settings.kafka_transactional_id
+    return f"kafka-timescale-sink.{settings.kafka_group_id}."
+
+
+def dlq_access(settings: Settings, dlq_topic: str) -> KafkaAccess:
+    """What the DLQ producer does: write the DLQ topic, commit the group's offsets in its transactions."""
+    return KafkaAccess(principal(settings), "WRITE", (dlq_topic,), settings.kafka_group_id,
+                       f"{transactional_id_prefix(settings)}*")
 
 
 _LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000  # the largest message.max.bytes librdkafka accepts
@@ -151,6 +164,7 @@ class TransactionalCommitter:
         # One id for every producer this committer makes: a replacement's init_transactions()
         # fences its predecessor and has the broker abort that one's open transaction at once.
         self._transactional_id = transactional_id_for(settings)
+        self._access = dlq_access(settings, dlq_topic)
         self._producer: Producer | None = None
         self._in_txn = False
         # What the transaction whose commit_transaction() timed out holds, while librdkafka
@@ -168,11 +182,13 @@ class TransactionalCommitter:
         if self._producer is None:
             conf = producer_config(self._settings, transactional=True, dlq_max_bytes=self._dlq_max_bytes,
                                    transactional_id=self._transactional_id)
-            p = Producer(conf)
+            watch = LoginWatch()
+            p = Producer({**conf, "error_cb": watch})
             try:
                 p.init_transactions(self._timeout)
             except KafkaException as e:
-                raise _classify(kafka_error(e), "init_transactions") from e  # p is not kept
+                watch.check(p, "init_transactions")  # a refused login times init_transactions out
+                raise _classify(kafka_error(e), "init_transactions", self._access) from e  # p is not kept
             self._producer = p
             log.info("kafka_transactions_ready", topic=self._topic, transactional_id=conf["transactional.id"])
         return self._producer
@@ -213,7 +229,7 @@ class TransactionalCommitter:
             err = kafka_error(e)
             if _too_large(err) or any(map(_too_large, refused)):
                 self._lower_limit()
-            out = _classify(err, "dlq_commit")
+            out = _classify(err, "dlq_commit", self._access)
             # A transaction that failed (not a commit that timed out: that one is resumed, see
             # _commit) is not committed.  Aborting it and going on with this producer is not
             # enough: what it still had in flight to a broker that went away came back into the
@@ -285,8 +301,8 @@ class TransactionalCommitter:
         self._drop_producer()
 
 
-def _classify(err: Any, cause: str) -> Exception:
-    out = classify_kafka_error(err, cause)
+def _classify(err: Any, cause: str, access: KafkaAccess) -> Exception:
+    out = classify_kafka_error(err, cause, access)
     if isinstance(out, FatalError) and err is not None and (err.code() in _FENCED or (
             err.fatal() and "AUTHORIZATION" not in err.name())):
         # Fenced, or the producer reached a fatal state (e.g. INVALID_TXN_STATE after a broker
@@ -332,6 +348,7 @@ class PlainCommitter:
         self._topic = dlq_topic
         self._timeout = timeout
         self._settings = settings
+        self._access = dlq_access(settings, dlq_topic)
         conf, self._limit = sized_config(settings, False, dlq_max_bytes)
         self._producer = Producer(conf)
         # The batch whose complete() failed, and its DLQ records acknowledged so far.
@@ -368,7 +385,7 @@ class PlainCommitter:
                 produce_waiting(self._producer, self._topic, value=rec.value, key=rec.key,
                                 headers=list(rec.headers), on_delivery=on_ack(origin))
             except KafkaException as e:
-                raise classify_kafka_error(e, "dlq_publish") from e
+                raise classify_kafka_error(e, "dlq_publish", self._access) from e
         if dlq:
             left = self._producer.flush(self._timeout)
             if left:
@@ -377,7 +394,7 @@ class PlainCommitter:
                 if any(map(_too_large, errors)):
                     conf, self._limit = sized_config(self._settings, False, lower_limit(self._limit))
                     self._producer = Producer(conf)  # batches under the new limit (the old one is drained)
-                raise classify_kafka_error(errors[0], "dlq_publish")
+                raise classify_kafka_error(errors[0], "dlq_publish", self._access)
             log.debug("dlq_published", topic=self._topic, dlq=len(dlq))
         self._source.commit(offsets)
         self._retrying = None
