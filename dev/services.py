@@ -8,11 +8,18 @@ Standard library only: this runs before the project's virtualenv exists.
     python3 dev/services.py env       # the sink's variables for these servers
     python3 dev/services.py check     # are the ports free (or ours)?  Instant, before installs
     DEV_PG_FLAVOR=timescaledb python3 dev/services.py up   # the TimescaleDB cluster, where built
+    DEV_KAFKA_SECURITY=sasl_ssl python3 dev/services.py up # + a SASL_SSL listener and ACLs (see below)
 
 State lives in the ignored folders `.cache/` (jars, reused across runs) and `.dev/`
 (broker data, PostgreSQL cluster, logs).  Everything listens on loopback only.
 DEV_KAFKA_PORT, DEV_KAFKA_CONTROLLER_PORT and DEV_PG_PORT choose the ports at `up`; the state
 directory remembers them (ports.json), so later commands need only DEV_STATE_DIR, if that.
+
+DEV_KAFKA_SECURITY=sasl_ssl (at the first `up` of a state directory, which remembers it) adds a
+SASL_SSL listener on DEV_KAFKA_SASL_PORT (SCRAM-SHA-512, a certificate for 127.0.0.1/localhost
+signed by a CA of its own: <state>/kafka/tls/ca.crt) and the standard authorizer.  The PLAINTEXT
+listener stays, and its principal (User:ANONYMOUS) is the super user: tools and tests administer
+the broker there, and only SASL_SSL clients are held to ACLs.
 """
 
 from __future__ import annotations
@@ -242,7 +249,8 @@ def _kafka_ports() -> tuple[int, int]:
 
 def kafka_running() -> bool:
     """This state directory's broker runs, on the ports asked for."""
-    return kafka_pid() is not None and _kafka_ports() == (KAFKA_PORT, KAFKA_CONTROLLER_PORT) and _port_open(KAFKA_PORT)
+    return (kafka_pid() is not None and _kafka_ports() == (KAFKA_PORT, KAFKA_CONTROLLER_PORT)
+            and _running_security() == KAFKA_SECURITY and _port_open(KAFKA_PORT))
 
 
 def _kafka_conflict() -> str | None:
@@ -250,11 +258,15 @@ def _kafka_conflict() -> str | None:
     pid = kafka_pid()
     if pid is not None:
         ports = _kafka_ports()
-        if ports == (KAFKA_PORT, KAFKA_CONTROLLER_PORT):
+        if ports == (KAFKA_PORT, KAFKA_CONTROLLER_PORT) and _running_security() == KAFKA_SECURITY:
             return None
+        if ports == (KAFKA_PORT, KAFKA_CONTROLLER_PORT):
+            return (f"the broker of {STATE} runs with DEV_KAFKA_SECURITY={_running_security()} (pid {pid}), not "
+                    f"{KAFKA_SECURITY}: stop it first (services.py down) to change it")
         return (f"the broker of {STATE} runs on ports {ports[0]}/{ports[1]} (pid {pid}), not "
                 f"{KAFKA_PORT}/{KAFKA_CONTROLLER_PORT}: stop it first (services.py down) to move it")
-    for port, var in ((KAFKA_PORT, "DEV_KAFKA_PORT"), (KAFKA_CONTROLLER_PORT, "DEV_KAFKA_CONTROLLER_PORT")):
+    for port, var in ((KAFKA_PORT, "DEV_KAFKA_PORT"), (KAFKA_CONTROLLER_PORT, "DEV_KAFKA_CONTROLLER_PORT"),
+                      *(((KAFKA_SASL_PORT, "DEV_KAFKA_SASL_PORT"),) if KAFKA_SECURITY == "sasl_ssl" else ())):
         if _port_open(port):
             return f"port {port} is taken by another process, not the broker of {STATE}: set {var} to a free port"
     return None
@@ -293,16 +305,22 @@ def _start_kafka(timeout: float) -> str:
         _SERVER_PROPERTIES.format(port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT, data=KAFKA.data)
     )
     KAFKA.log4j.write_text(_LOG4J2.format(logfile=KAFKA.logfile))
+    secure_properties = _kafka_secure_setup()
+    if secure_properties:
+        with open(KAFKA.props, "a") as f:
+            f.write(secure_properties)
     if not (KAFKA.data / "meta.properties").exists():
         cluster_id = subprocess.run(
             _java("kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True, check=True
         ).stdout.strip()
         res = subprocess.run(
-            _java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(KAFKA.props)),
+            _java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(KAFKA.props),
+                  *_scram_format_args()),
             capture_output=True, text=True,
         )
         if res.returncode != 0:
             raise ServiceError(f"formatting KRaft storage failed:\n{res.stdout}\n{res.stderr}")
+        _scram_formatted()
     start_mark = _log_mark(KAFKA.logfile)
     heap = os.environ.get("DEV_KAFKA_HEAP", "-Xms256m -Xmx768m").split()
     cmd = ["java", *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
@@ -317,7 +335,8 @@ def _start_kafka(timeout: float) -> str:
         if proc.poll() is not None:
             raise ServiceError(f"broker exited with {proc.returncode}; see {KAFKA.logfile} and broker.stdout")
         if _port_open(KAFKA_PORT) and _log_has(KAFKA.logfile, start_mark, "Kafka Server started"):
-            _record_ports(kafka=KAFKA_PORT, kafka_controller=KAFKA_CONTROLLER_PORT)
+            _record_ports(kafka=KAFKA_PORT, kafka_controller=KAFKA_CONTROLLER_PORT, **_secure_ports())
+            KAFKA_SECURITY_FILE.write_text(KAFKA_SECURITY)
             log(f"kafka up on {KAFKA_BOOTSTRAP} (pid {proc.pid})")
             return KAFKA_BOOTSTRAP
         time.sleep(0.2)
@@ -378,6 +397,133 @@ def _wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- Kafka security (opt-in)
+
+# "plaintext" (the default: one PLAINTEXT listener, no authorizer) or "sasl_ssl".
+KAFKA_SECURITY_FILE = STATE / "kafka" / "security"
+KAFKA_SECURITY = os.environ.get("DEV_KAFKA_SECURITY", "").lower() or (
+    KAFKA_SECURITY_FILE.read_text().strip() if KAFKA_SECURITY_FILE.exists() else "plaintext")
+if KAFKA_SECURITY not in {"plaintext", "sasl_ssl"}:
+    raise SystemExit(f"DEV_KAFKA_SECURITY={KAFKA_SECURITY!r}: use plaintext or sasl_ssl")
+KAFKA_SASL_PORT = _port("kafka_sasl", 19094, "DEV_KAFKA_SASL_PORT")
+KAFKA_SASL_BOOTSTRAP = f"127.0.0.1:{KAFKA_SASL_PORT}"
+KAFKA_TLS = STATE / "kafka" / "tls"
+# A SCRAM-SHA-512 user made when the storage is formatted; tests add their own (admin API).
+DEV_SASL_USER = "sink"
+DEV_SASL_PASSWORD = "sink-secret"
+# Loopback-only development keystores: the password guards nothing, so it is fixed.
+_STORE_PASSWORD = "dev-keystore"
+
+_SECURE_PROPERTIES = """\
+# DEV_KAFKA_SECURITY=sasl_ssl: a SASL_SSL listener beside PLAINTEXT (these keys override the above).
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port},SASL_SSL://127.0.0.1:{sasl_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sasl_port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location={tls}/broker.p12
+listener.name.sasl_ssl.ssl.keystore.password={password}
+listener.name.sasl_ssl.ssl.key.password={password}
+listener.name.sasl_ssl.ssl.truststore.type=PKCS12
+listener.name.sasl_ssl.ssl.truststore.location={tls}/truststore.p12
+listener.name.sasl_ssl.ssl.truststore.password={password}
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+# PLAINTEXT and CONTROLLER authenticate no one; their principal administers the broker.
+super.users=User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
+"""
+
+
+def _running_security() -> str:
+    """The mode the running (or last started) broker of this state directory was started in."""
+    try:
+        return KAFKA_SECURITY_FILE.read_text().strip()
+    except OSError:
+        return "plaintext"
+
+
+def _secure_ports() -> dict[str, int]:
+    return {"kafka_sasl": KAFKA_SASL_PORT} if KAFKA_SECURITY == "sasl_ssl" else {}
+
+
+def _kafka_secure_setup() -> str:
+    """In sasl_ssl mode: the TLS material (made once) and the properties to append; else ""."""
+    if KAFKA_SECURITY != "sasl_ssl":
+        return ""
+    if (KAFKA.data / "meta.properties").exists() and not (KAFKA.home / "scram-formatted").exists():
+        # SCRAM users are written when the storage is formatted (nothing in the stdlib can add them later).
+        raise ServiceError(f"DEV_KAFKA_SECURITY=sasl_ssl needs a broker formatted with it: use a new "
+                           f"DEV_STATE_DIR, or `services.py down` and remove {KAFKA.data}")
+    _ensure_kafka_tls()
+    return _SECURE_PROPERTIES.format(port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT, sasl_port=KAFKA_SASL_PORT,
+                                     tls=KAFKA_TLS, password=_STORE_PASSWORD)
+
+
+def _scram_format_args() -> list[str]:
+    if KAFKA_SECURITY != "sasl_ssl":
+        return []
+    return ["--add-scram", f"SCRAM-SHA-512=[name={DEV_SASL_USER},password={DEV_SASL_PASSWORD}]"]
+
+
+def _scram_formatted() -> None:
+    if KAFKA_SECURITY == "sasl_ssl":
+        (KAFKA.home / "scram-formatted").write_text(DEV_SASL_USER + "\n")
+
+
+def _ensure_kafka_tls() -> None:
+    """A CA (openssl) and the broker's PKCS12 keystore and truststore (keytool), made once.
+    The broker's certificate names localhost and 127.0.0.1, so clients verify the host name."""
+    if (KAFKA_TLS / ".complete").exists():
+        return
+    for tool in ("keytool", "openssl"):
+        if shutil.which(tool) is None:
+            raise ServiceError(f"DEV_KAFKA_SECURITY=sasl_ssl needs {tool} on PATH (a JDK; openssl)")
+    if KAFKA_TLS.exists():
+        shutil.rmtree(KAFKA_TLS)  # half made by an interrupted run
+    KAFKA_TLS.mkdir(parents=True)
+    store = ["-storetype", "PKCS12", "-storepass", _STORE_PASSWORD]
+    san = "SAN=dns:localhost,ip:127.0.0.1"
+    (KAFKA_TLS / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    steps = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-keyout", "ca.key",
+         "-out", "ca.crt", "-subj", "/CN=kafka-timescale-sink dev CA"],
+        ["keytool", "-genkeypair", "-keystore", "broker.p12", *store, "-alias", "broker", "-keyalg", "RSA",
+         "-keysize", "2048", "-validity", "3650", "-dname", "CN=localhost", "-ext", san],
+        ["keytool", "-certreq", "-keystore", "broker.p12", *store, "-alias", "broker", "-ext", san,
+         "-file", "broker.csr"],
+        ["openssl", "x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "3650", "-extfile", "san.ext", "-out", "broker.crt"],
+    ]
+    for cmd in steps:
+        _tls_step(cmd)
+    # The signed certificate with its CA: keytool takes the chain as the reply to its request.
+    (KAFKA_TLS / "chain.crt").write_text((KAFKA_TLS / "broker.crt").read_text() + (KAFKA_TLS / "ca.crt").read_text())
+    _tls_step(["keytool", "-importcert", "-keystore", "broker.p12", *store, "-alias", "broker", "-file", "chain.crt",
+               "-noprompt"])
+    _tls_step(["keytool", "-importcert", "-keystore", "truststore.p12", *store, "-alias", "ca", "-file", "ca.crt",
+               "-noprompt"])
+    (KAFKA_TLS / ".complete").write_text("")
+
+
+def _tls_step(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, cwd=KAFKA_TLS, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ServiceError(f"{cmd[0]} {cmd[1]} failed (making the broker's TLS material):\n{res.stdout}\n{res.stderr}")
+
+
+def kafka_sasl_env(user: str = DEV_SASL_USER, password: str = DEV_SASL_PASSWORD) -> dict[str, str]:
+    """The sink's Kafka variables for the SASL_SSL listener, as `user`."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": KAFKA_SASL_BOOTSTRAP,
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": user,
+        "KAFKA_SASL_PASSWORD": password,
+        "KAFKA_SSL_CA_LOCATION": str(KAFKA_TLS / "ca.crt"),
+    }
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -651,6 +797,9 @@ def status_lines() -> list[str]:
     if pid is not None:
         port, controller = _kafka_ports()
         lines.append(f"kafka    running (ours, pid {pid})  127.0.0.1:{port} (controller {controller})")
+        if _running_security() == "sasl_ssl":
+            sasl_port = recorded_ports().get("kafka_sasl")
+            lines.append(f"kafka    SASL_SSL 127.0.0.1:{sasl_port} (CA {KAFKA_TLS / 'ca.crt'})")
     else:
         lines.append(f"kafka    stopped  127.0.0.1:{KAFKA_PORT}{_taken(KAFKA_PORT, KAFKA_CONTROLLER_PORT)}")
     postmaster = pg_postmaster()
@@ -684,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "env":
             for k, v in service_env().items():
                 print(f"export {k}={v}")
+            if KAFKA_SECURITY == "sasl_ssl":
+                print("# the SASL_SSL listener, as a principal with ACLs:")
+                print("\n".join(f"# export {k}={v}" for k, v in kafka_sasl_env().items()))
     except ServiceError as e:
         print(f"[dev] error: {e}", file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dlq.filters import ReplayFilter
-from dlq.reader import DlqReader, capture_plan, open_consumer
+from dlq.reader import DlqReader, capture_plan, open_consumer, reader_access
 from sink.envelope import DlqInfo, parse_headers
+from sink.kafka_auth import admin_metadata
 from sink.settings import Settings
 from sink.types import SourceRecord
 
@@ -119,11 +120,13 @@ def _iso(t: datetime | None) -> str | None:
 
 def inspect_topic(settings: Settings, topic: str, stats: DlqStats, batch: int = 1000) -> dict[str, Any]:
     """Scan `topic` from its log start to its end offsets as of now; returns the summary."""
+    admin_metadata(settings, "dlq_read")  # a refused login is fatal at once, not a read timeout
     consumer = open_consumer(settings, group=None)
+    access = reader_access(settings, topic, None)
     reader: DlqReader | None = None
     try:
-        plan = capture_plan(consumer, topic, from_committed=False)
-        reader = DlqReader(consumer, topic, plan)
+        plan = capture_plan(consumer, topic, from_committed=False, access=access)
+        reader = DlqReader(consumer, topic, plan, access=access)
         while not reader.done:
             for rec in reader.read(batch):
                 stats.add(rec)

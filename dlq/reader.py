@@ -19,7 +19,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from sink.errors import FatalError, RetryableError, classify_kafka_error
+from sink.errors import FatalError, KafkaAccess, RetryableError, classify_kafka_error
+from sink.kafka_auth import principal
 from sink.logs import get_logger
 from sink.settings import Settings
 from sink.source import commit_offsets, consumer_config, read_headers
@@ -56,13 +57,18 @@ def open_consumer(settings: Settings, group: str | None) -> Any:
     }))
 
 
+def reader_access(settings: Settings, topic: str, group: str | None) -> KafkaAccess:
+    """What a DLQ reader does: read the DLQ topic, and (a replay) commit its group's offsets."""
+    return KafkaAccess(principal(settings), "READ", (topic,), group or "")
+
+
 def capture_plan(consumer: Any, topic: str, *, from_committed: bool,
-                 timeout: float = _TIMEOUT) -> dict[int, PartitionRange]:
+                 timeout: float = _TIMEOUT, access: KafkaAccess | None = None) -> dict[int, PartitionRange]:
     """Per partition: start (the group's committed offset, else the log start) and end (now)."""
     try:
         md = consumer.list_topics(topic, timeout=timeout)
     except KafkaException as e:
-        raise classify_kafka_error(e, "dlq_read") from e
+        raise classify_kafka_error(e, "dlq_read", access) from e
     t = md.topics.get(topic)
     if t is None or t.error is not None or not t.partitions:
         reason = t.error.str() if t is not None and t.error is not None else "no partitions"
@@ -73,7 +79,7 @@ def capture_plan(consumer: Any, topic: str, *, from_committed: bool,
         if from_committed:
             for tp in consumer.committed(tps, timeout=timeout):
                 if tp.error is not None:
-                    raise classify_kafka_error(tp.error, "dlq_committed")
+                    raise classify_kafka_error(tp.error, "dlq_committed", access)
                 if tp.offset >= 0:
                     committed[tp.partition] = tp.offset
         plan: dict[int, PartitionRange] = {}
@@ -83,7 +89,7 @@ def capture_plan(consumer: Any, topic: str, *, from_committed: bool,
             start = max(committed.get(tp.partition, low), low)
             plan[tp.partition] = PartitionRange(tp.partition, start, max(start, high))
     except KafkaException as e:
-        raise classify_kafka_error(e, "dlq_offsets") from e
+        raise classify_kafka_error(e, "dlq_offsets", access) from e
     return plan
 
 
@@ -91,8 +97,9 @@ class DlqReader:
     """Hands out the records of a plan in per-partition order; ``done`` once every end is reached."""
 
     def __init__(self, consumer: Any, topic: str, plan: Mapping[int, PartitionRange],
-                 stall_timeout: float = 60.0) -> None:
+                 stall_timeout: float = 60.0, access: KafkaAccess | None = None) -> None:
         self.consumer = consumer
+        self._access = access
         self.topic = topic
         self.plan = dict(plan)
         self._pos = {p: r.start for p, r in self.plan.items()}
@@ -123,7 +130,7 @@ class DlqReader:
         try:
             msgs = self.consumer.consume(num_messages=max(1, max_records), timeout=timeout)
         except KafkaException as e:
-            raise classify_kafka_error(e, "dlq_read") from e
+            raise classify_kafka_error(e, "dlq_read", self._access) from e
         out: list[SourceRecord] = []
         first_error: Any = None
         for m in msgs:
@@ -151,9 +158,9 @@ class DlqReader:
         if first_error is not None:
             if not out:
                 # Nothing read: raise, so a persistent error surfaces (and is retried or fatal).
-                raise classify_kafka_error(first_error, "dlq_read")
+                raise classify_kafka_error(first_error, "dlq_read", self._access)
             # Records came with it: hand them out; if the error persists, the next read raises it.
-            log.warning("dlq_read_error", reason=str(classify_kafka_error(first_error, "dlq_read")),
+            log.warning("dlq_read_error", reason=str(classify_kafka_error(first_error, "dlq_read", self._access)),
                         records=len(out))
         if not msgs and not self.done and time.monotonic() - self._last_progress > self._stall_timeout:
             left = {p: [self._pos[p], r.end] for p, r in self.plan.items() if p not in self._done}
@@ -180,12 +187,13 @@ class DlqReader:
 class ConsumerOffsets:
     """The replay group's side of a consumer: its metadata for transactions, or a plain commit."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, access: KafkaAccess | None = None) -> None:
         self.consumer = consumer
+        self._access = access
 
     def group_metadata(self) -> Any:
         return self.consumer.consumer_group_metadata()
 
     def commit(self, offsets: dict[TP, int]) -> None:
         """Synchronous commit of explicit offsets (KAFKA_TRANSACTIONAL=false only)."""
-        commit_offsets(self.consumer, offsets)
+        commit_offsets(self.consumer, offsets, self._access)

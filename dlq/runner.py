@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from dlq.progress import ProgressReporter, reporter
-from dlq.reader import ConsumerOffsets, DlqReader, capture_plan, open_consumer
+from dlq.reader import ConsumerOffsets, DlqReader, capture_plan, open_consumer, reader_access
 from dlq.replay import Outcome, Replayer, ReplayOptions, ReplayResult, retry
 from sink.errors import FatalError, classify_kafka_error
 from sink.logs import get_logger
@@ -133,23 +133,29 @@ def _open(settings: Settings, opts: ReplayOptions, group: str,
         writer = w
     consumer = open_consumer(settings, group)
     closers.append(consumer.close)
+    access = reader_access(settings, opts.dlq_topic, group)
     if opts.to_topic is not None:
         _check_topic(consumer, opts.to_topic)
     # Step 2.  Records that fail again go back to the DLQ fitted to what it takes.
     limit = retry(policy, "dlq_topic", lambda: dlq_max_message_bytes(settings, opts.dlq_topic))
     outbox: Outbox | None = None
     if not opts.dry_run:
-        offsets = ConsumerOffsets(consumer)
+        offsets = ConsumerOffsets(consumer, access)
+        written = (opts.dlq_topic, *([opts.to_topic] if opts.to_topic else []))
+        out_access = replace(access, topic_operation="WRITE", topics=written, transactional_id=transactional_id(group))
         if settings.kafka_transactional:
             outbox = TransactionalOutbox(settings, offsets, opts.dlq_topic, transactional_id(group), timeout=30.0,
-                                         dlq_max_bytes=limit, client_id=f"sink-dlq-replay-{group}", fenced=FENCED)
+                                         dlq_max_bytes=limit, client_id=f"sink-dlq-replay-{group}", fenced=FENCED,
+                                         access=out_access)
         else:
-            outbox = PlainOutbox(settings, offsets, opts.dlq_topic, timeout=30.0, dlq_max_bytes=limit)
+            outbox = PlainOutbox(settings, offsets, opts.dlq_topic, timeout=30.0, dlq_max_bytes=limit,
+                                 access=out_access)
         closers.append(outbox.close)
         retry(policy, "init_transactions", outbox.prepare)
     # Step 3.
-    plan = retry(policy, "dlq_offsets", lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True))
-    return DlqReader(consumer, opts.dlq_topic, plan), writer, outbox, limit
+    plan = retry(policy, "dlq_offsets",
+                 lambda: capture_plan(consumer, opts.dlq_topic, from_committed=True, access=access))
+    return DlqReader(consumer, opts.dlq_topic, plan, access=access), writer, outbox, limit
 
 
 def _markers(offsets: int, result: ReplayResult | None) -> int | None:

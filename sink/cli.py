@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
             n = produce(settings.kafka_bootstrap_servers, settings.kafka_input_topic, args.count, rate=args.rate,
                         seed=args.seed, invalid_share=args.invalid_share, duplicate_share=args.duplicate_share,
-                        extra_config=settings.kafka_extra_config)
+                        extra_config=settings.kafka_client_config())
             log.info("demo_produced", topic=settings.kafka_input_topic, rows=n)
             return EXIT_OK if n == args.count else EXIT_FATAL
     except ConfigError as e:  # found at start by the database (TIMESCALE_* intervals)

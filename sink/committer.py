@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sink.envelope import DlqRecord
-from sink.outbox import OffsetSink, Outbox, PlainOutbox, TransactionalOutbox, transactional_id_for
+from sink.outbox import OffsetSink, Outbox, PlainOutbox, TransactionalOutbox, dlq_access, transactional_id_for
 from sink.settings import Settings
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
@@ -33,9 +33,11 @@ def open_committer(settings: Settings, source: OffsetSink, dlq_topic: str, trans
     """A transaction lives for milliseconds: its calls time out after 10 s; plain mode waits up
     to 30 s for the acknowledgements of a batch's DLQ records."""
     outbox: Outbox
+    access = dlq_access(settings, dlq_topic)
     if transactional:
         outbox = TransactionalOutbox(settings, source, dlq_topic, transactional_id_for(settings),
-                                     timeout=timeout or 10.0, dlq_max_bytes=dlq_max_bytes)
+                                     timeout=timeout or 10.0, dlq_max_bytes=dlq_max_bytes, access=access)
     else:
-        outbox = PlainOutbox(settings, source, dlq_topic, timeout=timeout or 30.0, dlq_max_bytes=dlq_max_bytes)
+        outbox = PlainOutbox(settings, source, dlq_topic, timeout=timeout or 30.0, dlq_max_bytes=dlq_max_bytes,
+                             access=access)
     return Committer(outbox, dlq_topic)

@@ -16,6 +16,7 @@ the sink goes on; the same code works for every other record.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -149,9 +150,23 @@ def kafka_error(e: KafkaException) -> Any:
     return e.args[0] if e.args else None
 
 
-def classify_kafka_error(err: Any, cause: str) -> SinkError:
+@dataclass(frozen=True)
+class KafkaAccess:
+    """What one Kafka client of the sink does, so that an authorization error names the grant
+    it lacks.  ``topic_operation`` (READ, WRITE or CREATE) applies to ``topics``; a
+    ``transactional_id`` ending in ``*`` stands for the ids with that prefix."""
+
+    principal: str = ""
+    topic_operation: str = ""
+    topics: tuple[str, ...] = ()
+    group: str = ""
+    transactional_id: str = ""
+
+
+def classify_kafka_error(err: Any, cause: str, access: KafkaAccess | None = None) -> SinkError:
     """Map a confluent_kafka KafkaError, or the KafkaException carrying one, to RetryableError or
-    FatalError."""
+    FatalError.  A refused login or a missing ACL is fatal, with what to fix or grant (named
+    from `access` where the caller gives it)."""
     if isinstance(err, KafkaException):
         err = kafka_error(err)
     if err is None:
@@ -163,8 +178,36 @@ def classify_kafka_error(err: Any, cause: str) -> SinkError:
     name = err.name() if hasattr(err, "name") else type(err).__name__
     text = err.str() if hasattr(err, "str") else str(err)
     if fatal or name in _FATAL_KAFKA:
-        return FatalError(f"Kafka {cause} failed: {name}: {text}")
+        hint = _kafka_hint(name, access or KafkaAccess())
+        return FatalError(f"Kafka {cause} failed: {name}: {text}" + (f": {hint}" if hint else ""))
     return RetryableError(cause, f"{name}: {text}")
+
+
+def _kafka_hint(name: str, a: KafkaAccess) -> str:
+    """What the operator has to do about a fatal Kafka error: the ACL to grant, or the settings to check."""
+    who = f" {a.principal}" if a.principal else " the sink's principal"
+    if name == "TOPIC_AUTHORIZATION_FAILED":
+        if a.topics:
+            return f"grant{who} {a.topic_operation or 'READ'} on topic {', '.join(a.topics)}"
+        return f"grant{who} READ on the input topic and WRITE on the DLQ topic (see docs/security.md)"
+    if name == "GROUP_AUTHORIZATION_FAILED":
+        return f"grant{who} READ on group {a.group or '(KAFKA_GROUP_ID)'}"
+    if name == "TRANSACTIONAL_ID_AUTHORIZATION_FAILED":
+        tid = a.transactional_id
+        target = (f"the transactional ids prefixed {tid[:-1]} (PREFIXED)" if tid.endswith("*")
+                  else f"transactional id {tid}" if tid else "its transactional id (KAFKA_TRANSACTIONAL_ID)")
+        return f"grant{who} WRITE on {target}, or set KAFKA_TRANSACTIONAL=false"
+    if name == "CLUSTER_AUTHORIZATION_FAILED":
+        if a.topic_operation == "CREATE":
+            return f"grant{who} CREATE on topic {', '.join(a.topics)} (or on the cluster), or create it"
+        return f"grant{who} IDEMPOTENT_WRITE on the cluster"
+    if name in ("SASL_AUTHENTICATION_FAILED", "_AUTHENTICATION"):
+        return ("the broker refused the login: check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD (or "
+                "KAFKA_SASL_PASSWORD_FILE) and KAFKA_SASL_MECHANISM")
+    if name == "_SSL":
+        return ("TLS to the broker failed: check KAFKA_SSL_CA_LOCATION (the CA that signed the brokers' "
+                "certificates) and that KAFKA_BOOTSTRAP_SERVERS names hosts their certificates name")
+    return ""
 
 
 # Errors that retrying cannot fix: the operator must act.

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord, fit_record, parse_headers, record_bytes
-from sink.errors import FatalError, RetryableError, classify_kafka_error, kafka_error
+from sink.errors import FatalError, KafkaAccess, RetryableError, classify_kafka_error, kafka_error
+from sink.kafka_auth import LoginWatch, principal
 from sink.logs import get_logger
 from sink.produce import produce_waiting
 from sink.settings import Settings
@@ -59,8 +60,7 @@ def producer_config(settings: Settings, transactional: bool,
     """dlq_max_bytes: the largest record the DLQ topic takes (its max.message.bytes).
     transactional_id: the one to use (default: transactional_id_for(settings))."""
     conf: dict[str, Any] = {
-        **settings.kafka_extra_config,
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **settings.kafka_client_config(),
         "client.id": f"kafka-timescale-sink-dlq-{socket.gethostname()}",
         "enable.idempotence": True,
         "acks": "all",
@@ -96,8 +96,21 @@ def producer_config(settings: Settings, transactional: bool,
 def transactional_id_for(settings: Settings) -> str:
     """KAFKA_TRANSACTIONAL_ID if set, else a new unique id (each call makes another)."""
     return settings.kafka_transactional_id or (
-        f"kafka-timescale-sink.{settings.kafka_group_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        f"{transactional_id_prefix(settings)}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     )
+
+
+def transactional_id_prefix(settings: Settings) -> str:
+    """What every transactional id of this sink (and of its `check`) starts with: the ACL's PREFIXED name."""
+    if settings.kafka_transactional_id:
+        return settings.kafka_transactional_id
+    return f"kafka-timescale-sink.{settings.kafka_group_id}."
+
+
+def dlq_access(settings: Settings, dlq_topic: str) -> KafkaAccess:
+    """What the sink's DLQ producer does: write the DLQ topic, commit the group's offsets in its transactions."""
+    return KafkaAccess(principal(settings), "WRITE", (dlq_topic,), settings.kafka_group_id,
+                       f"{transactional_id_prefix(settings)}*")
 
 
 _LIBRDKAFKA_MAX_MESSAGE_BYTES = 1_000_000_000  # the largest message.max.bytes librdkafka accepts
@@ -144,9 +157,10 @@ class _Producing:
     broker refuses records the known limit allows), and fitting DLQ records to it."""
 
     def __init__(self, settings: Settings, dlq_topic: str, transactional_id: str | None,
-                 dlq_max_bytes: int, client_id: str | None) -> None:
+                 dlq_max_bytes: int, client_id: str | None, access: KafkaAccess | None) -> None:
         self._settings = settings
         self._dlq_topic = dlq_topic
+        self._access = access  # what an authorization error names as the grant to add
         self._transactional_id = transactional_id
         self._client_id = client_id
         self._set_limit(dlq_max_bytes)
@@ -181,8 +195,8 @@ class TransactionalOutbox(_Producing):
 
     def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, transactional_id: str,
                  timeout: float = 10.0, dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
-                 client_id: str | None = None, fenced: str | None = None) -> None:
-        super().__init__(settings, dlq_topic, transactional_id, dlq_max_bytes, client_id)
+                 client_id: str | None = None, fenced: str | None = None, access: KafkaAccess | None = None) -> None:
+        super().__init__(settings, dlq_topic, transactional_id, dlq_max_bytes, client_id, access)
         self._source = source
         self._timeout = timeout
         self._fenced = fenced
@@ -202,10 +216,12 @@ class TransactionalOutbox(_Producing):
     def _ensure_producer(self) -> Producer:
         if self._producer is None:
             conf = self._config()
-            p = Producer(conf)
+            watch = LoginWatch()
+            p = Producer({**conf, "error_cb": watch})
             try:
                 p.init_transactions(self._timeout)
             except KafkaException as e:
+                watch.check(p, "init_transactions")  # a refused login times init_transactions out
                 raise self._classify(kafka_error(e), "init_transactions") from e  # p is not kept
             self._producer = p
             log.info("kafka_transactions_ready", topic=self._dlq_topic, transactional_id=conf["transactional.id"])
@@ -281,7 +297,7 @@ class TransactionalOutbox(_Producing):
         raise RetryableError("dlq_commit", "commit_transaction kept timing out")
 
     def _classify(self, err: Any, cause: str) -> Exception:
-        out = classify_kafka_error(err, cause)
+        out = classify_kafka_error(err, cause, self._access)
         if err is not None and err.code() in _FENCED and self._fenced is not None:
             return FatalError(self._fenced)
         if isinstance(out, FatalError) and err is not None and (err.code() in _FENCED or (
@@ -333,8 +349,9 @@ class PlainOutbox(_Producing):
     the next start (rows stay exactly once: ON CONFLICT DO NOTHING)."""
 
     def __init__(self, settings: Settings, source: OffsetSink, dlq_topic: str, timeout: float = 30.0,
-                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, producer: Any = None) -> None:
-        super().__init__(settings, dlq_topic, None, dlq_max_bytes, None)
+                 dlq_max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES, producer: Any = None,
+                 access: KafkaAccess | None = None) -> None:
+        super().__init__(settings, dlq_topic, None, dlq_max_bytes, None, access)
         self._source = source
         self._timeout = timeout
         # A confluent_kafka Producer; tests pass a fake.
@@ -365,7 +382,7 @@ class PlainOutbox(_Producing):
                 produce_waiting(self._producer, topic, value=rec.value, key=rec.key, headers=list(rec.headers),
                                 on_delivery=batch.on_ack(i))
             except KafkaException as e:  # refused before queueing, e.g. larger than message.max.bytes
-                raise classify_kafka_error(e, "dlq_publish") from e
+                raise classify_kafka_error(e, "dlq_publish", self._access) from e
             batch.mark_queued(i)
         # Step 2.
         if outputs:
@@ -377,7 +394,7 @@ class PlainOutbox(_Producing):
                 if any(map(_too_large, errors)):
                     self._lower_limit()
                     self._producer = Producer(self._config())  # batches under the new limit (the old one is drained)
-                raise classify_kafka_error(errors[0], "dlq_publish")
+                raise classify_kafka_error(errors[0], "dlq_publish", self._access)
             log.debug("dlq_published", outputs=len(outputs))
         # Step 3.
         self._source.commit(offsets)

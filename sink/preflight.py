@@ -15,13 +15,15 @@ from typing import Any, Literal
 
 import psycopg
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from sink import timescale
 from sink.catalog import relation_exists, scalar, schema_exists
-from sink.errors import kafka_error, pg_message
+from sink.errors import FatalError, SinkError, kafka_error, pg_message
 from sink.grants import missing_write_privileges
+from sink.kafka_auth import admin_metadata
 from sink.migrations import MigrationError, load_migrations, recorded_migrations, sql_dir
+from sink.outbox import transactional_id_prefix
 from sink.settings import Settings
 from sink.topics import DLQ_HEADROOM_BYTES, KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sink.upsert import WriteMode, updated_columns
@@ -54,13 +56,16 @@ def would_start(findings: list[Finding]) -> bool:
 def kafka_checks(s: Settings) -> list[Finding]:
     out: list[Finding] = []
     add = out.append
-    conf: dict[str, Any] = {**s.kafka_extra_config, "bootstrap.servers": s.kafka_bootstrap_servers}
-    admin = AdminClient(conf)
+    conf: dict[str, Any] = s.kafka_client_config()
     try:
-        md = admin.list_topics(timeout=TIMEOUT_S)
-    except KafkaException as e:
-        add(Finding("kafka", "broker", "problem", f"{s.kafka_bootstrap_servers} does not answer: {_kafka(e)}",
-                    "check KAFKA_BOOTSTRAP_SERVERS, the network, and the security settings in KAFKA_EXTRA_CONFIG"))
+        admin, md = admin_metadata(s, "broker", TIMEOUT_S)
+    except FatalError as e:  # a refused login or TLS setup: the message says what to check
+        add(Finding("kafka", "broker", "problem", str(e), "see docs/security.md"))
+        return out
+    except SinkError as e:
+        add(Finding("kafka", "broker", "problem", f"{s.kafka_bootstrap_servers} does not answer: {e}",
+                    "check KAFKA_BOOTSTRAP_SERVERS, the network, and the KAFKA_SECURITY_PROTOCOL/KAFKA_SASL_* "
+                    "settings"))
         return out
     add(Finding("kafka", "broker", "ok", f"{len(md.brokers)} broker(s) at {s.kafka_bootstrap_servers}"))
 
@@ -126,7 +131,7 @@ def _group(conf: dict[str, Any], s: Settings, partitions: list[int]) -> Finding:
 
 def _transactions(conf: dict[str, Any], s: Settings) -> Finding:
     # A transactional id of its own: fencing the running sink's would abort its transaction.
-    tid = f"{s.kafka_transactional_id or s.kafka_group_id}.preflight"
+    tid = f"{transactional_id_prefix(s).rstrip('.')}.preflight"  # under the ACL prefix of the sink's ids
     producer = Producer({**conf, "transactional.id": tid})
     try:
         producer.init_transactions(TIMEOUT_S)

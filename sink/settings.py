@@ -16,6 +16,15 @@ APPLICATION_NAME = "kafka-timescale-sink"
 _RESERVED_KAFKA_KEYS = frozenset(
     {"enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers"}
 )
+# Each KAFKA_* security setting and the librdkafka key it sets.  Where a setting is given,
+# KAFKA_EXTRA_CONFIG may not set its key too (which one would win is nobody's guess).
+_KAFKA_SECURITY_KEYS = {
+    "kafka_security_protocol": "security.protocol",
+    "kafka_sasl_mechanism": "sasl.mechanism",
+    "kafka_sasl_username": "sasl.username",
+    "kafka_sasl_password": "sasl.password",
+    "kafka_ssl_ca_location": "ssl.ca.location",
+}
 
 
 class Settings(BaseSettings):
@@ -39,6 +48,15 @@ class Settings(BaseSettings):
     # the variable; repr=False keeps SASL passwords out of reprs.
     kafka_extra_config: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, repr=False)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    # TLS and SASL to the brokers (see docs/security.md), for every Kafka client of the sink
+    # and of sink-dlq.  PLAINTEXT/SSL need no user; SASL_* need KAFKA_SASL_USERNAME/PASSWORD.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_sasl_password_file: str = ""
+    # The CA that signed the brokers' certificates (PEM); empty = the system's CAs.
+    kafka_ssl_ca_location: str = ""
     # DLQ records + offset commit in one Kafka transaction (exactly-once DLQ).  false = produce,
     # wait for acks, then commit (at-least-once DLQ) for clusters without transaction ACLs.
     kafka_transactional: bool = True
@@ -128,7 +146,7 @@ class Settings(BaseSettings):
             if not path:
                 continue
             env, file_env = secret.upper(), file_field.upper()
-            if data.get(secret) is not None:
+            if data.get(secret) not in (None, ""):
                 raise ValueError(f"{env} and {file_env} are both set: set one")
             try:
                 with open(path, encoding="utf-8") as f:
@@ -172,7 +190,47 @@ class Settings(BaseSettings):
         if self.timescale_writer_role and self.timescale_writer_role == self.timescale_user:
             raise ValueError("TIMESCALE_WRITER_ROLE names TIMESCALE_USER: it is the runtime role that the "
                              "owner (TIMESCALE_USER of `migrate`) grants to, not the owner itself")
+        self._check_kafka_security()
         return self
+
+    def _check_kafka_security(self) -> None:
+        given = {name for name in _KAFKA_SECURITY_KEYS if name in self.model_fields_set
+                 or (name == "kafka_sasl_password" and self.kafka_sasl_password_file)}
+        both = sorted(f"{name.upper()} ({_KAFKA_SECURITY_KEYS[name]})" for name in given
+                      if _KAFKA_SECURITY_KEYS[name] in self.kafka_extra_config)
+        if both:
+            raise ValueError(f"KAFKA_EXTRA_CONFIG sets what {', '.join(both)} already set: set each once")
+        conf = self.kafka_client_config()
+        sasl = conf.get("security.protocol", "").upper().startswith("SASL_")
+        if sasl and conf.get("sasl.mechanism") in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
+                conf.get("sasl.username") and conf.get("sasl.password")):
+            raise ValueError(f"security protocol {conf['security.protocol']} with {conf['sasl.mechanism']} needs "
+                             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)")
+        if self.kafka_ssl_ca_location and not os.access(self.kafka_ssl_ca_location, os.R_OK):
+            raise ValueError(f"KAFKA_SSL_CA_LOCATION={self.kafka_ssl_ca_location!r} is not a readable file")
+        if given:
+            refusal = _librdkafka_refusal({k: v for k, v in conf.items() if k != "bootstrap.servers"})
+            if refusal:
+                raise ValueError(f"the Kafka security settings are refused by librdkafka: {refusal}")
+
+    def kafka_security_config(self) -> dict[str, str]:
+        """The librdkafka settings of KAFKA_SECURITY_PROTOCOL and the rest (the password included)."""
+        conf: dict[str, str] = {"security.protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL_") or "kafka_sasl_mechanism" in self.model_fields_set:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            conf["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password.get_secret_value():
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_ca_location:
+            conf["ssl.ca.location"] = self.kafka_ssl_ca_location
+        return conf
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """What every Kafka client of the sink starts from: security, KAFKA_EXTRA_CONFIG, the
+        brokers.  Includes the SASL password: pass it to librdkafka, never log it."""
+        return {**self.kafka_security_config(), **self.kafka_extra_config,
+                "bootstrap.servers": self.kafka_bootstrap_servers}
 
     def _check_tls_files(self) -> None:
         # Found now, named by variable, rather than as a connection error after the first retry.
@@ -215,8 +273,9 @@ class Settings(BaseSettings):
 
     def safe_summary(self) -> dict[str, Any]:
         """Settings fit for a log line: secrets and pass-through values masked."""
-        out = self.model_dump(exclude={"timescale_password", "kafka_extra_config"})
+        out = self.model_dump(exclude={"timescale_password", "kafka_extra_config", "kafka_sasl_password"})
         out["timescale_password"] = "**********"
+        out["kafka_sasl_password"] = "**********" if self.kafka_sasl_password.get_secret_value() else ""
         out["kafka_extra_config"] = {k: "***" for k in self.kafka_extra_config}
         out["dlq_topic"] = self.dlq_topic
         return out
@@ -240,8 +299,9 @@ def _librdkafka_refusal(conf: dict[str, str]) -> str | None:
     return None
 
 
-# Secret setting -> the setting naming a file that holds it (``<NAME>_FILE``).
-SECRET_FILES = {"timescale_password": "timescale_password_file"}
+# Secrets that may come from a file (Docker and Kubernetes secrets): secret setting -> the
+# setting naming a file that holds it (``<NAME>_FILE``), read when <NAME> is unset.
+SECRET_FILES = {"timescale_password": "timescale_password_file", "kafka_sasl_password": "kafka_sasl_password_file"}
 
 
 class ConfigError(ValueError):

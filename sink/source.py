@@ -12,7 +12,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from sink.errors import FatalError, classify_kafka_error
+from sink.errors import FatalError, KafkaAccess, classify_kafka_error
+from sink.kafka_auth import LoginWatch, principal
 from sink.logs import get_logger
 from sink.settings import Settings
 from sink.types import Headers, SourceRecord, UnreadableHeaders
@@ -38,8 +39,7 @@ _CONSUMER_DEFAULTS = {
 def consumer_config(settings: Settings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     conf: dict[str, Any] = {
         **_CONSUMER_DEFAULTS,
-        **settings.kafka_extra_config,
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **settings.kafka_client_config(),
         "group.id": settings.kafka_group_id,
         "client.id": f"kafka-timescale-sink-{socket.gethostname()}",
         "enable.auto.commit": False,
@@ -51,7 +51,7 @@ def consumer_config(settings: Settings, extra: dict[str, Any] | None = None) -> 
     return conf
 
 
-def commit_offsets(consumer: Any, offsets: dict[TP, int]) -> None:
+def commit_offsets(consumer: Any, offsets: dict[TP, int], access: KafkaAccess | None = None) -> None:
     """Synchronous commit of explicit offsets; failures come back classified."""
     if not offsets:
         return
@@ -59,10 +59,10 @@ def commit_offsets(consumer: Any, offsets: dict[TP, int]) -> None:
     try:
         result = consumer.commit(offsets=tps, asynchronous=False)
     except KafkaException as e:
-        raise classify_kafka_error(e, "commit") from e
+        raise classify_kafka_error(e, "commit", access) from e
     for tp in result or []:
         if tp.error is not None:
-            raise classify_kafka_error(tp.error, "commit")
+            raise classify_kafka_error(tp.error, "commit", access)
 
 
 # Through a C-level call, never as m.headers() in a loop: for a header name that is not UTF-8
@@ -102,6 +102,8 @@ class KafkaSource:
         self.broker_up = False
         self._paused = False
         self._last_warn: dict[str, float] = {}
+        self._login = LoginWatch()
+        self._access = KafkaAccess(principal(settings), "READ", (self.topic,), settings.kafka_group_id)
         self.consumer = Consumer(consumer_config(settings, {"error_cb": self._on_error, "stats_cb": self._on_stats}))
         self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked,
                                 on_lost=self._lost)
@@ -138,6 +140,7 @@ class KafkaSource:
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.broker_up = False
+        self._login(err)  # consume() raises it
         if err.fatal():
             log.error("kafka_error", error_class=err.name(), reason=err.str(), fatal=True)
         else:
@@ -164,7 +167,9 @@ class KafkaSource:
         try:
             msgs = self.consumer.consume(num_messages=max(1, max_records), timeout=max(0.0, timeout))
         except KafkaException as e:
-            raise classify_kafka_error(e, "consume") from e
+            raise classify_kafka_error(e, "consume", self._access) from e
+        if self._login.refused is not None:  # reported to _on_error during consume()
+            raise classify_kafka_error(self._login.refused, "consume")
         out: list[SourceRecord] = []
         append = out.append  # the per-record loop of the hot path: kept to the calls it needs
         for m in msgs:
@@ -175,7 +180,7 @@ class KafkaSource:
                 # Fatal: librdkafka's fatal errors and those only the operator can fix (a
                 # missing ACL: exit with the reason instead of idling with a warning for ever).
                 # The rest (e.g. a topic not created yet) clear up on their own: warn.
-                kind = classify_kafka_error(err, "consume")
+                kind = classify_kafka_error(err, "consume", self._access)
                 if isinstance(kind, FatalError):
                     raise kind
                 self._warn_rate_limited(err)
@@ -229,7 +234,7 @@ class KafkaSource:
 
     def commit(self, offsets: dict[TP, int]) -> None:
         """Synchronous commit of explicit offsets (non-transactional mode)."""
-        commit_offsets(self.consumer, offsets)
+        commit_offsets(self.consumer, offsets, self._access)
 
     def close(self) -> None:
         with contextlib.suppress(KafkaException, RuntimeError):

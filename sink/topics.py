@@ -6,13 +6,13 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # exported at runtime, missing from the stub
-    AdminClient,
     ConfigResource,
     NewTopic,
     ResourceType,
 )
 
-from sink.errors import FatalError, classify_kafka_error, kafka_error
+from sink.errors import FatalError, KafkaAccess, classify_kafka_error, kafka_error
+from sink.kafka_auth import admin_metadata, principal
 from sink.logs import get_logger
 from sink.settings import Settings
 
@@ -32,11 +32,7 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
     """Create the DLQ topic if missing: as many partitions as the input (or KAFKA_DLQ_PARTITIONS),
     and room for the input's largest record plus our headers.  Returns the largest record the
     DLQ topic takes (its max.message.bytes): the committer fits DLQ records to it."""
-    admin = _admin(settings)
-    try:
-        md = admin.list_topics(timeout=timeout)
-    except KafkaException as e:
-        raise classify_kafka_error(e, "dlq_topic") from e
+    admin, md = admin_metadata(settings, "dlq_topic", timeout)
     dlq = settings.dlq_topic
     created = None
     if not (dlq in md.topics and md.topics[dlq].error is None):
@@ -47,12 +43,8 @@ def ensure_dlq_topic(settings: Settings, timeout: float = 15.0) -> int:
 
 def dlq_max_message_bytes(settings: Settings, topic: str, timeout: float = 15.0) -> int:
     """The largest record the DLQ topic takes (for DLQ tooling that does not create it)."""
-    admin = _admin(settings)
+    admin, _ = admin_metadata(settings, "dlq_topic", timeout)
     return _dlq_limit(admin, topic, timeout)
-
-
-def _admin(settings: Settings) -> Any:
-    return AdminClient({**settings.kafka_extra_config, "bootstrap.servers": settings.kafka_bootstrap_servers})
 
 
 def _dlq_limit(admin: Any, dlq: str, timeout: float, known: int | None = None) -> int:
@@ -86,11 +78,14 @@ def _create(admin: Any, settings: Settings, md: Any, timeout: float) -> int | No
         err = kafka_error(e)
         if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
             return None
-        out = classify_kafka_error(err, "dlq_topic")
+        who = principal(settings) or "the sink's principal"
+        out = classify_kafka_error(err, "dlq_topic", KafkaAccess(principal(settings), "CREATE", (dlq,)))
         if err is not None and err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
                                               KafkaError.CLUSTER_AUTHORIZATION_FAILED):
-            raise FatalError(f"DLQ topic {dlq} does not exist and the sink may not create it: create it "
-                             f"(e.g. {partitions} partitions, max.message.bytes={max_bytes}) or grant CREATE") from e
+            # Without WRITE (which implies DESCRIBE) an existing DLQ topic is invisible, hence "missing".
+            raise FatalError(f"{err.name()}: DLQ topic {dlq} is missing or not visible to {who}, which may not "
+                             f"create it: grant {who} WRITE on topic {dlq}, and CREATE on it (or create it: e.g. "
+                             f"{partitions} partitions, max.message.bytes={max_bytes})") from e
         raise out from e
     log.info("dlq_topic_created", topic=dlq, partitions=partitions, max_message_bytes=max_bytes)
     return max_bytes

@@ -10,6 +10,7 @@ from psycopg.pq import DiagnosticField
 
 from sink.errors import (
     FatalError,
+    KafkaAccess,
     PoisonError,
     RetryableError,
     SinkError,
@@ -203,3 +204,27 @@ def test_kafka_error_flagged_fatal_by_librdkafka_is_fatal() -> None:
 
 def test_missing_kafka_error_is_retryable() -> None:
     assert isinstance(classify_kafka_error(None, "commit"), RetryableError)
+
+
+@pytest.mark.parametrize(("code", "access", "said"), [
+    (KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaAccess("User:sink", "WRITE", ("in.dlq",), "g", "ks.g.*"),
+     "grant User:sink WRITE on the transactional ids prefixed ks.g. (PREFIXED)"),
+    (KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaAccess("User:sink", transactional_id="pod-0"),
+     "grant User:sink WRITE on transactional id pod-0"),
+    (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaAccess("User:sink", "READ", ("in",), "g"),
+     "grant User:sink READ on group g"),
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaAccess("User:sink", "READ", ("in",), "g"),
+     "grant User:sink READ on topic in"),
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaAccess("User:sink", "WRITE", ("in.dlq",)),
+     "grant User:sink WRITE on topic in.dlq"),
+    (KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaAccess("User:sink", "WRITE", ("in.dlq",)),
+     "grant User:sink IDEMPOTENT_WRITE on the cluster"),
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, None,
+     "grant the sink's principal READ on the input topic and WRITE on the DLQ topic"),
+    (KafkaError._AUTHENTICATION, None, "check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD"),
+    (KafkaError._SSL, None, "check KAFKA_SSL_CA_LOCATION"),
+])
+def test_a_fatal_kafka_error_says_what_to_grant_or_check(code: int, access: KafkaAccess | None, said: str) -> None:
+    out = classify_kafka_error(KafkaError(code), "dlq_commit", access)
+    assert isinstance(out, FatalError)
+    assert said in str(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,55 @@ def test_the_writer_role_may_not_be_the_role_that_migrates(monkeypatch: pytest.M
     assert "TIMESCALE_WRITER_ROLE names TIMESCALE_USER" in message
     monkeypatch.setenv("TIMESCALE_WRITER_ROLE", "sink_writer")
     assert load_settings().timescale_writer_role == "sink_writer"
+# --- Kafka security
+
+
+def test_kafka_security_settings_become_the_clients_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"  # librdkafka loads it: a real certificate
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(tmp_path / "ca.key"), "-out", str(ca), "-subj", "/CN=ca", "-days", "1"],
+                   check=True, capture_output=True)
+    for name, value in {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_USERNAME": "sink",
+                        "KAFKA_SASL_PASSWORD": PASSWORD, "KAFKA_SSL_CA_LOCATION": str(ca)}.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings()
+    assert s.kafka_client_config() == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                                       "sasl.username": "sink", "sasl.password": PASSWORD,
+                                       "ssl.ca.location": str(ca), "bootstrap.servers": "kafka:29092"}
+    assert PASSWORD not in json.dumps(s.safe_summary()) + repr(s)
+
+
+def test_the_sasl_password_comes_from_its_file_when_the_variable_is_unset(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")  # as `echo` and most secret stores write it
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "sink")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD_FILE", str(secret))
+    assert load_settings().kafka_sasl_password.get_secret_value() == PASSWORD
+
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "other")
+    message = config_error(monkeypatch)
+    assert "KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE are both set" in message
+    assert PASSWORD not in message
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"KAFKA_SASL_PASSWORD_FILE": "/nonexistent/password"}, "KAFKA_SASL_PASSWORD_FILE='/nonexistent/password' cannot"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"),
+    ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL:"),
+    ({"KAFKA_SASL_MECHANISM": "MD5"}, "KAFKA_SASL_MECHANISM:"),
+    ({"KAFKA_SSL_CA_LOCATION": "/nonexistent/ca.crt"}, "KAFKA_SSL_CA_LOCATION='/nonexistent/ca.crt' is not"),
+    ({"KAFKA_SASL_USERNAME": "sink", "KAFKA_EXTRA_CONFIG": '{"sasl.username": "other"}'},
+     "KAFKA_EXTRA_CONFIG sets what KAFKA_SASL_USERNAME (sasl.username) already set"),
+])
+def test_bad_kafka_security_settings_are_named(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                               said: str) -> None:
+    assert said in config_error(monkeypatch, **env)
+
+
+def test_security_passed_through_kafka_extra_config_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_EXTRA_CONFIG", json.dumps({"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
+                                                         "sasl.username": "u", "sasl.password": PASSWORD}))
+    conf = load_settings().kafka_client_config()
+    assert (conf["security.protocol"], conf["sasl.mechanism"], conf["sasl.password"]) == ("SASL_SSL", "PLAIN", PASSWORD)
