@@ -13,6 +13,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from bench.cpuquota import CpuQuota
 from bench.data import DEVICES, DUPLICATE_SHARE, INVALID_SHARE
 from bench.procstat import Sampler
 from bench.sinkrun import BenchSink, LogTail, SinkDied, bench_env, incidents, log_time, wait_drained, wait_event
@@ -90,21 +91,26 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def measure_latency(*, rate: float, seconds: float, warmup: float, batch_timeout: float, log_path: Path,
-                    overrides: Mapping[str, str] | None = None, sink_dir: Path | None = None) -> dict[str, Any]:
-    """Run the sink on a fresh topic, produce at a steady rate, and return the latency figures."""
+                    overrides: Mapping[str, str] | None = None, sink_dir: Path | None = None,
+                    quota: CpuQuota | None = None) -> dict[str, Any]:
+    """Run the sink on a fresh topic (inside the `quota`'s CPU cgroup, if given), produce at a
+    steady rate, and return the latency figures."""
     topic = testkit.create_topic(testkit.unique_name("bench_lat"), partitions=3)
     dlq = testkit.create_topic(f"{topic}.dlq", partitions=3)
     schema = testkit.create_schema(testkit.unique_name("bench_lat"))
     group = testkit.unique_name("bench_lat")
-    sink = BenchSink(bench_env(schema, topic, group, dlq, overrides), log_path, sink_dir=sink_dir).start()
+    sink = BenchSink(bench_env(schema, topic, group, dlq, overrides), log_path, sink_dir=sink_dir, quota=quota).start()
     sampler = Sampler(sink.pid, interval=0.1).start()
     tail = LogTail(log_path)
     try:
         wait_event(sink, tail, "partitions_assigned", 120)
+        throttled_before = quota.throttling() if quota is not None else {}
         t_start = time.time()
         acked = produce_steady(topic, rate, seconds)
         wait_drained(sink, tail, testkit.end_offsets(topic), 120)
         t_end = time.time()
+        throttled = ({k: round(v - throttled_before.get(k, 0), 2) for k, v in quota.throttling().items()}
+                     if quota is not None else {})
         sampler.stop()
         if sink.stop(60) != 0:
             raise SinkDied("sink exited non-zero on SIGTERM:\n" + sink.log_text()[-3000:])
@@ -138,4 +144,5 @@ def measure_latency(*, rate: float, seconds: float, warmup: float, batch_timeout
         "cpu_s": round(sampler.cpu_between(t_start, t_end), 2),
         "wall_s": round(t_end - t_start, 2),
         "incidents": incidents(tail.events, t_start, t_end),
+        **({"throttling": throttled} if throttled else {}),
     }

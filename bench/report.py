@@ -26,6 +26,7 @@ def sink_figures(d: Drain) -> dict[str, Any]:
         "db_cpu_us_per_record": _per_record(d.db_cpu_s, d.records),
         "broker_cpu_s": round(d.broker_cpu_s, 2),
         "incidents": d.incidents,
+        **({"throttling": d.throttling} if d.throttling else {}),
         **({"outage_rss_mib": round(d.outage_rss_kib / 1024, 1)} if d.outage_rss_kib else {}),
         # The share of the drain in which the database ran one of the sink's INSERTs (one at a
         # time): near 1, the sink waits on the database's insert and nothing client-side helps.

@@ -5,15 +5,17 @@ a steady rate (``--latency``).  ``--quick`` drains a small topic and checks corr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cpuquota import CpuQuota
 from bench.data import DUPLICATE_SHARE, PARTITIONS, Dataset, make_dataset, preload
 from bench.latency import measure_latency
 from bench.profile import summarize
@@ -71,7 +73,7 @@ def parse_variant(spec: str, base: dict[str, str]) -> Variant:
 def throughput(*, count: int, repeat: int, variants: Sequence[Variant], references: bool, logdir: Path,
                profile: Path | None = None, pyspy: Path | None = None, keep: bool = False,
                outage: float = 0.0, psycopg2_reference: bool = False,
-               duplicate_share: float = DUPLICATE_SHARE) -> dict[str, Any]:
+               duplicate_share: float = DUPLICATE_SHARE, quota: CpuQuota | None = None) -> dict[str, Any]:
     """Pre-load one topic, then per run: each sink variant from a fresh group into a fresh schema
     (verified), then the COPY ceiling and the reference design into fresh copies of the table.
     Variants take turns within a run, so that the machine's changing load hits them alike."""
@@ -108,7 +110,7 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
                 d = drain(topic=topic, ends=ends, schema=schema, group=group, dlq_topic=dlq,
                           log_path=logdir / f"{topic}-{v.label}-{i}.log", overrides=v.overrides,
                           prefix=_profiler(profile, n) if profile else (), sink_dir=v.sink_dir, pyspy=spy_out,
-                          outage=outage)
+                          outage=outage, quota=quota)
                 if spy_out is not None:
                     summary = spy_out.with_suffix(".summary.txt")
                     summary.write_text(summarize(spy_out) + "\n")
@@ -118,6 +120,10 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
                 run["verdicts"][v.label] = verdict.as_dict()
                 _log(f"run {i + 1}/{repeat} {v.label}: {run['sinks'][v.label]['records_per_s']:,} records/s, "
                      f"correct={verdict.ok}")
+                if d.throttling:
+                    t = d.throttling
+                    _log(f"run {i + 1}/{repeat} {v.label}: CPU quota exhausted in {t['throttled_periods']:,} "
+                         f"of {t['periods']:,} periods, {t['throttled_s']}s throttled")
                 if d.incidents:
                     _log(f"run {i + 1}/{repeat} {v.label} was DISTURBED (its timing is not the sink's): {d.incidents}")
                 if not keep:
@@ -207,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duplicate-share", type=float, default=DUPLICATE_SHARE, metavar="SHARE",
                     help=f"share of records that repeat an earlier one (default {DUPLICATE_SHARE}; 0: a stream "
                          "without redelivery, where every batch is all new)")
+    ap.add_argument("--cpu-quota", type=float, metavar="CORES",
+                    help="run the sink inside a cgroup v1 cpu group limited to this many cores (0.3 = a Kubernetes "
+                         "CPU limit of 300m: 30 ms per 100 ms period); needs root")
     ap.add_argument("--keep", action="store_true", help="keep topics and schemas (to inspect them)")
     ap.add_argument("--logdir", type=Path, default=testkit.ROOT / "bench" / "results" / "logs",
                     help="where the sink logs go (git-ignored)")
@@ -218,13 +227,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     services.start_kafka()
     services.start_postgres()
     facts = machine()
+    with cpu_quota(args.cpu_quota) as quota:
+        result, ok = measure(args, overrides, quota)
+    result["machine"] = facts
+    if quota is not None:
+        result["cpu_quota_cores"] = quota.cores
+    print(machine_line(result["machine"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def cpu_quota(cores: float | None) -> Iterator[CpuQuota | None]:
+    if not cores:
+        yield None
+        return
+    with CpuQuota(cores) as quota:
+        _log(f"sink limited to {cores:g} CPU ({quota.path})")
+        yield quota
+
+
+def measure(args: argparse.Namespace, overrides: dict[str, str], quota: CpuQuota | None) -> tuple[dict[str, Any], bool]:
+    """The mode's runs, printed; the result document and whether it was correct."""
     if args.latency:
         timeout = float(overrides.get("BATCH_TIMEOUT", Settings.model_fields["batch_timeout"].default))
         runs = []
         for i in range(args.repeat or 3):
             runs.append(measure_latency(rate=args.rate, seconds=args.duration, warmup=args.warmup,
                                         batch_timeout=timeout, overrides=overrides, sink_dir=args.sink_dir,
-                                        log_path=args.logdir / f"latency-{int(time.time())}-{i}.log"))
+                                        log_path=args.logdir / f"latency-{int(time.time())}-{i}.log", quota=quota))
             _log(f"latency run {i + 1}: p50 {runs[-1]['visible_p50_ms']} ms, p99 {runs[-1]['visible_p99_ms']} ms"
                  + (f", DISTURBED {runs[-1]['incidents']}" if runs[-1]["incidents"] else ""))
         m = median_figures(runs)
@@ -242,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"  {m['batches']:.0f} batches of {m['mean_batch_rows']:.0f} records on average, write p50 "
               f"{m['write_p50_ms']:.1f} ms / p99 {m['write_p99_ms']:.1f} ms, peak RSS "
               f"{m['peak_rss_mib']:.0f} MiB, CPU {m['cpu_s']:.1f}s in {m['wall_s']:.0f}s")
+        for i, r in enumerate(runs):
+            if "throttling" in r:
+                t = r["throttling"]
+                print(f"  run {i + 1}: CPU quota exhausted in {t['throttled_periods']:,} of {t['periods']:,} periods "
+                      f"({t['throttled_s']}s throttled)")
         ok = True
     else:
         quick = args.quick
@@ -251,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             repeat=args.repeat or (1 if quick else 3), variants=variants,
                             references=not args.no_references, logdir=args.logdir, profile=args.profile,
                             pyspy=args.pyspy, keep=args.keep, outage=args.db_outage,
-                            psycopg2_reference=args.psycopg2_reference, duplicate_share=args.duplicate_share)
+                            psycopg2_reference=args.psycopg2_reference, duplicate_share=args.duplicate_share,
+                            quota=quota)
         ds = result["dataset"]
         print(f"{ds['records']:,} records ({ds['invalid']:,} invalid, {ds['distinct_rows']:,} distinct rows, "
               f"{ds['devices']:,} devices, {ds['partitions']} partitions)")
@@ -267,12 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ok:
             bad = [v for r in result["runs"] for v in r["verdicts"].values() if not v["ok"]]
             print("INCORRECT: " + json.dumps(bad))
-    result["machine"] = facts
-    print(machine_line(facts))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return 0 if ok else 1
+    return result, ok
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.cpuquota import CpuQuota
 from bench.procstat import Sampler, socket_ports
 from bench.profile import PySpy
 from dev import services, testkit
@@ -35,9 +36,11 @@ class BenchSink(testkit.SinkProcess):
     """testkit's SinkProcess with a configurable command line (e.g. under a profiler)."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, prefix: Sequence[str] = (),
-                 sink_dir: Path | None = None) -> None:
+                 sink_dir: Path | None = None, quota: CpuQuota | None = None) -> None:
         super().__init__(env, log_path)
         self.command = [sys.executable, *prefix, "-m", "sink", "run"]
+        if quota is not None:
+            self.command = quota.wrap(self.command)
         # `python -m sink` imports the `sink` package found in its working directory first.
         self.cwd = sink_dir or testkit.ROOT
 
@@ -144,6 +147,7 @@ class Drain:
     incidents: dict[str, int]  # retries, broker errors, ... while draining: the run was disturbed
     outage_rss_kib: int = 0  # highest sampled RSS while the database was stopped (--db-outage)
     insert_ms: float | None = None  # the batches' INSERT statements, summed (None: a sink that does not log it)
+    throttling: dict[str, float] = field(default_factory=dict)  # --cpu-quota: how often the quota ran out
 
     @property
     def records_per_s(self) -> float:
@@ -164,6 +168,10 @@ def incidents(events: Sequence[Mapping[str, Any]], start: float, end: float) -> 
     return out
 
 
+def _since(now: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0), 2) for k, v in now.items()}
+
+
 def db_backends(pid: int) -> list[int]:
     """PostgreSQL backend pids serving the process's connections (matched by client port)."""
     ports = socket_ports(pid, services.PG_PORT)
@@ -176,7 +184,8 @@ def db_backends(pid: int) -> list[int]:
 
 def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_topic: str, log_path: Path,
           overrides: Mapping[str, str] | None = None, prefix: Sequence[str] = (), sink_dir: Path | None = None,
-          pyspy: Path | None = None, outage: float = 0.0, timeout: float = 600) -> Drain:
+          pyspy: Path | None = None, outage: float = 0.0, quota: CpuQuota | None = None,
+          timeout: float = 600) -> Drain:
     """Start the sink on a pre-loaded topic with a fresh group and measure it draining the topic.
 
     The clock starts at the sink's partitions_assigned line (its first fetch follows at once:
@@ -184,8 +193,12 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
     that covers the last offset of every partition.
 
     With `outage` > 0, PostgreSQL is stopped for that many seconds after the first committed batch
-    (the sink must pause, hold its memory and resume; the run is then about RSS, not speed)."""
-    sink = BenchSink(bench_env(schema, topic, group, dlq_topic, overrides), log_path, prefix, sink_dir).start()
+    (the sink must pause, hold its memory and resume; the run is then about RSS, not speed).
+
+    With a `quota`, the sink runs inside that CPU cgroup (a Kubernetes CPU limit)."""
+    sink = BenchSink(bench_env(schema, topic, group, dlq_topic, overrides), log_path, prefix, sink_dir,
+                     quota).start()
+    throttled_before = quota.throttling() if quota is not None else {}
     sampler = Sampler(sink.pid).start()
     broker_pid = services.kafka_pid()
     broker = Sampler(broker_pid).start() if broker_pid else None
@@ -193,6 +206,8 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
     tail = LogTail(log_path)
     try:
         start = log_time(wait_event(sink, tail, "partitions_assigned", 120))
+        if quota is not None:
+            throttled_before = quota.throttling()
         db = [Sampler(p).start() for p in db_backends(sink.pid)]
         outage_rss = 0
         if outage > 0:
@@ -224,7 +239,8 @@ def drain(*, topic: str, ends: Mapping[int, int], schema: str, group: str, dlq_t
                        broker_cpu_s=broker.cpu_between(start, end) if broker is not None else 0.0,
                        incidents=incidents(tail.events, start, end), outage_rss_kib=outage_rss,
                        insert_ms=(sum(float(e["insert_ms"]) for e in written)
-                                  if all("insert_ms" in e for e in written) else None))
+                                  if all("insert_ms" in e for e in written) else None),
+                       throttling=_since(quota.throttling(), throttled_before) if quota is not None else {})
         code = sink.stop(60)
         if spy is not None:
             spy.finish()
