@@ -30,18 +30,17 @@ CASES = [None, *sorted(p.name for p in (CHART / "ci").glob("*.yaml"))]
 
 # The seed's sizing of one replica.
 SEED_RESOURCES = {"requests": {"cpu": "150m", "memory": "256Mi"}, "limits": {"cpu": "300m", "memory": "512Mi"}}
-# Settings being added to sink/settings.py alongside the chart (the role split, secrets from
-# files, Kafka TLS/SASL): known names here until settings.py defines them.
-PENDING_SETTINGS = {"TIMESCALE_WRITER_ROLE", "TIMESCALE_PASSWORD_FILE", "KAFKA_SECURITY_PROTOCOL",
-                    "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_SASL_PASSWORD_FILE",
-                    "KAFKA_SSL_CA_LOCATION"}
-KNOWN = {name.upper() for name in Settings.model_fields} | PENDING_SETTINGS
+# The settings the chart sets itself (Kafka TLS/SASL, the role split, secrets).
+SECURITY_SETTINGS = {"TIMESCALE_WRITER_ROLE", "TIMESCALE_PASSWORD_FILE", "KAFKA_SECURITY_PROTOCOL",
+                     "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_SASL_PASSWORD_FILE",
+                     "KAFKA_SSL_CA_LOCATION"}
+KNOWN = {name.upper() for name in Settings.model_fields}
 # What the chart sets from its own values (addresses, credentials, identity, migrations, ports,
 # shutdown); `config` takes every other setting, and values.schema.json refuses these there.
 CHART_SETS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_INPUT_TOPIC", "KAFKA_GROUP_ID", "KAFKA_TRANSACTIONAL_ID",
               "TIMESCALE_HOST", "TIMESCALE_PORT", "TIMESCALE_DB", "TIMESCALE_USER", "TIMESCALE_PASSWORD",
               "TIMESCALE_SSLMODE", "TIMESCALE_SSLROOTCERT", "TIMESCALE_SSLCERT", "TIMESCALE_SSLKEY", "RUN_MIGRATIONS",
-              "METRICS_PORT", "SHUTDOWN_TIMEOUT"} | PENDING_SETTINGS
+              "METRICS_PORT", "SHUTDOWN_TIMEOUT"} | SECURITY_SETTINGS
 # Set in every sink pod, whatever the values.
 REQUIRED = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_INPUT_TOPIC", "KAFKA_GROUP_ID", "KAFKA_TRANSACTIONAL_ID",
             "TIMESCALE_HOST", "TIMESCALE_PORT", "TIMESCALE_DB", "TIMESCALE_USER", "TIMESCALE_PASSWORD",
@@ -118,10 +117,18 @@ def settings_of(env: dict[str, Any], tmp_path: Path) -> Settings:
     """The settings the sink would load from this environment (secrets and mounted files stood in for)."""
     plain = {k: v for k, v in env.items() if isinstance(v, str)}
     plain["TIMESCALE_PASSWORD"] = "from-the-secret"
+    if "KAFKA_SASL_PASSWORD" in env:
+        plain["KAFKA_SASL_PASSWORD"] = "from-the-secret"
     for name in ("TIMESCALE_SSLROOTCERT", "TIMESCALE_SSLCERT", "TIMESCALE_SSLKEY"):
         if name in plain:
             (tmp_path / name).write_text("mounted from a Secret")
             plain[name] = str(tmp_path / name)
+    if "KAFKA_SSL_CA_LOCATION" in plain:  # librdkafka loads it while the settings are checked: a real one
+        ca = tmp_path / "kafka-ca.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(tmp_path / "kafka-ca.key"), "-out", str(ca), "-subj", "/CN=ca",
+                        "-days", "1"], check=True, capture_output=True)
+        plain["KAFKA_SSL_CA_LOCATION"] = str(ca)
     return Settings(**{k.lower(): v for k, v in plain.items() if k.lower() in Settings.model_fields})
 
 
@@ -390,7 +397,7 @@ def test_values_schema_takes_exactly_the_settings_the_chart_does_not_set_itself(
 
     assert allowed == {name.upper() for name in Settings.model_fields} - CHART_SETS
     # Each name the chart claims it sets is one it renders in some tested values file.
-    assert rendered >= CHART_SETS - PENDING_SETTINGS
+    assert rendered >= CHART_SETS - SECURITY_SETTINGS
 
 
 @pytest.mark.parametrize("setting", ["config.TIMESCALE_PASSWORD=x", "config.KAFKA_TRANSACTIONAL_ID=x",
@@ -417,8 +424,10 @@ ALLOWED_DIFFERENCES = {
     "timescale_user": "identity: the chart's pods run as the runtime role sink_writer",
     "timescale_password": "secret: from a Kubernetes Secret",
     "kafka_transactional_id": "identity: each pod's name",
-    # Who migrates: compose's sink migrates at start, the chart's migration Job does it as the owner role.
-    "run_migrations": "the chart's migration Job applies the schema as the owner role",
+    # Who migrates: both run the migrations as the owner in a job of their own (compose's `migrate`
+    # service, the chart's hook Job); compose sets RUN_MIGRATIONS=false on its sink service, not
+    # in the environment the two share.
+    "run_migrations": "set per service in compose; the chart's sink pods have it false",
 }
 
 
