@@ -424,10 +424,6 @@ ALLOWED_DIFFERENCES = {
     "timescale_user": "identity: the chart's pods run as the runtime role sink_writer",
     "timescale_password": "secret: from a Kubernetes Secret",
     "kafka_transactional_id": "identity: each pod's name",
-    # Who migrates: both run the migrations as the owner in a job of their own (compose's `migrate`
-    # service, the chart's hook Job); compose sets RUN_MIGRATIONS=false on its sink service, not
-    # in the environment the two share.
-    "run_migrations": "set per service in compose; the chart's sink pods have it false",
 }
 
 
