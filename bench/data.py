@@ -56,15 +56,18 @@ class Dataset:
                 "bytes": sum(map(len, self.values))}
 
 
-def make_dataset(count: int, seed: int = 8, duplicate_share: float = DUPLICATE_SHARE) -> Dataset:
-    """Realistic records (mixed timestamp formats, ~1% invalid, ~5% repeats unless told) and
-    their oracle.
+def make_dataset(count: int, seed: int = 8, duplicate_share: float = DUPLICATE_SHARE,
+                 correction_share: float = 0.0) -> Dataset:
+    """Realistic records (mixed timestamp formats, ~1% invalid, ~5% repeats unless told, and
+    `correction_share` corrections of earlier keys) and their oracle: a key may hold any of its
+    records' rows (which one is the write mode's business, tested in tests/test_upserts.py).
 
     The oracle validates each value with the model on its own (the reference path), so a sink
     that batches or short-cuts validation is checked against the plain per-record rules.
     """
     values = list(records(count, seed=seed, devices=DEVICES, invalid_share=INVALID_SHARE,
-                          duplicate_share=duplicate_share, start=time.time() - count / 1000))
+                          duplicate_share=duplicate_share, correction_share=correction_share,
+                          start=time.time() - count / 1000))
     validate = IotMeasurement.__pydantic_validator__.validate_json
     rows: list[Row] = []
     invalid: list[int] = []

@@ -73,11 +73,12 @@ def parse_variant(spec: str, base: dict[str, str]) -> Variant:
 def throughput(*, count: int, repeat: int, variants: Sequence[Variant], references: bool, logdir: Path,
                profile: Path | None = None, pyspy: Path | None = None, keep: bool = False,
                outage: float = 0.0, psycopg2_reference: bool = False,
-               duplicate_share: float = DUPLICATE_SHARE, quota: CpuQuota | None = None) -> dict[str, Any]:
+               duplicate_share: float = DUPLICATE_SHARE, correction_share: float = 0.0,
+               quota: CpuQuota | None = None) -> dict[str, Any]:
     """Pre-load one topic, then per run: each sink variant from a fresh group into a fresh schema
     (verified), then the COPY ceiling and the reference design into fresh copies of the table.
     Variants take turns within a run, so that the machine's changing load hits them alike."""
-    data: Dataset = make_dataset(count, duplicate_share=duplicate_share)
+    data: Dataset = make_dataset(count, duplicate_share=duplicate_share, correction_share=correction_share)
     _log(f"dataset: {data.describe()}")
     topic = testkit.unique_name("bench")
     created_topics: list[str] = [topic]
@@ -213,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duplicate-share", type=float, default=DUPLICATE_SHARE, metavar="SHARE",
                     help=f"share of records that repeat an earlier one (default {DUPLICATE_SHARE}; 0: a stream "
                          "without redelivery, where every batch is all new)")
+    ap.add_argument("--correction-share", type=float, default=0.0, metavar="SHARE",
+                    help="share of records that correct an earlier one (its key, another value): what "
+                         "WRITE_MODE=update overwrites (--variant update,WRITE_MODE=update)")
     ap.add_argument("--cpu-quota", type=float, metavar="CORES",
                     help="run the sink inside a cgroup v1 cpu group limited to this many cores (0.3 = a Kubernetes "
                          "CPU limit of 300m: 30 ms per 100 ms period); needs root")
@@ -290,7 +294,7 @@ def measure(args: argparse.Namespace, overrides: dict[str, str], quota: CpuQuota
                             references=not args.no_references, logdir=args.logdir, profile=args.profile,
                             pyspy=args.pyspy, keep=args.keep, outage=args.db_outage,
                             psycopg2_reference=args.psycopg2_reference, duplicate_share=args.duplicate_share,
-                            quota=quota)
+                            correction_share=args.correction_share, quota=quota)
         ds = result["dataset"]
         print(f"{ds['records']:,} records ({ds['invalid']:,} invalid, {ds['distinct_rows']:,} distinct rows, "
               f"{ds['devices']:,} devices, {ds['partitions']} partitions)")

@@ -40,8 +40,10 @@ def _timestamp(rng: random.Random, ts: float) -> object:
 
 
 def records(count: int, *, seed: int = 42, devices: int = 1000, invalid_share: float = 0.0,
-            duplicate_share: float = 0.0, start: float | None = None) -> Iterator[bytes]:
-    """`count` JSON values; a share of them invalid, a share exact repeats of earlier ones."""
+            duplicate_share: float = 0.0, correction_share: float = 0.0, start: float | None = None
+            ) -> Iterator[bytes]:
+    """`count` JSON values; a share of them invalid, a share exact repeats of earlier ones, and a
+    share corrections (an earlier record's key with another value)."""
     rng = random.Random(seed)
     t0 = start if start is not None else time.time() - count / 1000
     sent: list[bytes] = []
@@ -52,6 +54,14 @@ def records(count: int, *, seed: int = 42, devices: int = 1000, invalid_share: f
             continue
         if sent and r < invalid_share + duplicate_share:
             yield rng.choice(sent[-5000:])
+            continue
+        if sent and r < invalid_share + duplicate_share + correction_share:
+            corrected = json.loads(rng.choice(sent[-5000:]))
+            if isinstance(corrected["value"], bool):
+                corrected["value"] = not corrected["value"]
+            else:
+                corrected["value"] = round(float(corrected["value"]) + rng.uniform(0.01, 1.0), 2)
+            yield json.dumps(corrected, ensure_ascii=False).encode()
             continue
         label, unit, lo, hi = rng.choice(COMPONENTS)
         dev = rng.randrange(devices)
