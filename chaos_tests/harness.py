@@ -100,6 +100,7 @@ class Scenario:
     sinks: list[testkit.SinkProcess] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    latest_wins: bool = False  # the sinks run WRITE_MODE=update: a key ends with its last record's row
 
     def __post_init__(self) -> None:
         self.t0 = time.monotonic()
@@ -250,7 +251,7 @@ class Scenario:
         self.dlq.drain(10)
         self.checker.check_once(final=True)
         table = testkit.rows(self.schema)
-        out = check_final(self.ledger.all(), table, self.dlq.records, self.topic, upto)
+        out = check_final(self.ledger.all(), table, self.dlq.records, self.topic, upto, self.latest_wins)
         self.outcome = out
         self.summarise()
         # Invariants over an empty expectation hold for any sink.
@@ -285,7 +286,7 @@ class Scenario:
         produced = self.ledger.all()
         kinds: dict[str, int] = {}
         for r in produced:
-            k = r.planned.kind if r.planned.kind in ("valid", "replay", "write_poison") else "invalid"
+            k = r.planned.kind if r.planned.kind in ("valid", "replay", "correction", "write_poison") else "invalid"
             kinds[k] = kinds.get(k, 0) + 1
         written = self.events("batch_written")
         fault_kinds: dict[str, int] = {}
@@ -301,7 +302,8 @@ class Scenario:
             f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}) "
             f"inserted={out.rows if out else '?'} (sink says {sum(e.get('inserted', 0) for e in written)}) "
             f"duplicates_absorbed={sum(e.get('duplicates', 0) for e in written)} "
-            f"dlq={out.dlq if out else '?'} "
+            + (f"updated={sum(e.get('updated', 0) for e in written)} " if self.latest_wins else "")
+            + f"dlq={out.dlq if out else '?'} "
             f"faults={len(self.faults)} ({', '.join(f'{k} x{v}' for k, v in fault_kinds.items()) or 'none'}) "
             f"recovery={f'max {max(rec):.1f}s mean {statistics.mean(rec):.1f}s' if rec else '-'} "
             f"checker_samples={self.checker.stats.samples} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -97,9 +98,17 @@ class StreamProducer:
         self._stop = threading.Event()
         self.sent = 0
         self.failure: BaseException | None = None  # what ended the background stream early
+        # Route each record by its key (as keyed producers do), so that a key's records, its
+        # corrections among them, are in one partition in the order they were sent.
+        self.by_key = False
 
     def _produce_one(self, planned: Planned, partition: int | None) -> None:
-        part = self._rng.randrange(self.ledger.partitions) if partition is None else partition
+        if partition is not None:
+            part = partition
+        elif self.by_key:
+            part = zlib.crc32(planned.key) % self.ledger.partitions
+        else:
+            part = self._rng.randrange(self.ledger.partitions)
 
         def on_ack(err: Any, msg: Any) -> None:
             if err is not None:

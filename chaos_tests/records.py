@@ -37,7 +37,7 @@ class Planned:
     expect: Expect
     stage: str | None  # expected DLQ stage (decode / validate / write) when expect == "dlq"
     row: Row | None  # the row sink.decode makes of it (write poison has one too)
-    kind: str  # "valid", "replay", "write_poison" or the invalid kind
+    kind: str  # "valid", "replay", "correction", "write_poison" or the invalid kind
 
     @property
     def pk(self) -> tuple[Any, ...] | None:
@@ -114,7 +114,8 @@ class RecordFactory:
         if expect == "dlq" and kind != "write_poison":
             raise AssertionError(f"harness bug: {kind} record {value!r} passed validation")
         pk = outcome[:_PK_LEN]
-        earlier = self._pks.setdefault(pk, outcome) if expect == "row" else None
+        # Rows of one key are all the same, but for corrections (WRITE_MODE=update scenarios).
+        earlier = self._pks.setdefault(pk, outcome) if expect == "row" and kind != "correction" else None
         if earlier is not None and earlier != outcome:
             raise AssertionError(f"harness bug: two different rows share primary key {pk}")
         return Planned(seq, key, value, expect, stage, outcome, kind)
@@ -197,7 +198,22 @@ class RecordFactory:
         return Planned(orig.seq, orig.key, orig.value, orig.expect, orig.stage, orig.row,
                        "replay" if orig.expect == "row" else orig.kind)
 
-    def mixed(self, invalid: float = 0.0, replay: float = 0.0, write_poison: float = 0.0) -> Planned:
+    def correction(self) -> Planned:
+        """An earlier row's record with another value: same key (same partition when routed by
+        key), a new row that WRITE_MODE=update must end with if nothing later corrects it."""
+        rows = [p for p in self._sent if p.expect == "row" and p.value is not None]
+        if not rows:
+            return self.valid()
+        orig = self._rng.choice(rows)
+        assert orig.value is not None
+        rec = json.loads(orig.value)
+        rec["value"] = round(self._rng.uniform(-1000, 1000), 3)
+        p = self._planned(orig.seq, orig.key, json.dumps(rec).encode(), "correction", "row")
+        self._sent.append(p)
+        return p
+
+    def mixed(self, invalid: float = 0.0, replay: float = 0.0, write_poison: float = 0.0,
+              correction: float = 0.0) -> Planned:
         x = self._rng.random()
         if x < invalid:
             return self.invalid()
@@ -205,4 +221,6 @@ class RecordFactory:
             return self.replay()
         if x < invalid + replay + write_poison:
             return self.write_poison()
+        if x < invalid + replay + write_poison + correction:
+            return self.correction()
         return self.valid()

@@ -52,3 +52,34 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(chaos: C
     sc.assert_invariants()
     sc.wait_assigned(sink)  # SIGTERM before the handler is installed would just kill it
     assert sink.stop() == 0
+
+
+def test_update_mode_killed_and_restarted_ends_with_every_key_s_last_record(chaos: Callable[..., Scenario]) -> None:
+    # WRITE_MODE=update with corrections: a key's records (routed by key, one partition) end as
+    # its last record's row, whatever the kills re-deliver; the same invariants otherwise.
+    sc = chaos()
+    sc.latest_wins = True
+    sc.producer.by_key = True
+    sink = sc.sink(write_mode="update")
+    sc.producer.stream(lambda: sc.factory.mixed(invalid=0.05, replay=0.03, correction=0.15), None, rate=300)
+    for mode in [KILL_MODES[i % len(KILL_MODES)] for i in range(sc.profile.n(2))]:
+        sc.wait_progress(90)
+        time.sleep(sc.rng.uniform(0.0, 1.0))
+        with sc.fault("sigkill", mode) as f:
+            if mode == "after_db_commit":
+                trigger = kill_on_event(sink, ("batch_written",), 20)
+            else:
+                trigger = kill_on_event(sink, ("record_rejected",), 20, delay=sc.rng.uniform(0.0, 0.04))
+            f.detail = f"{mode} (on {trigger})"
+            assert trigger != "timeout", f"the sink never logged the event to kill it on ({mode})"
+            time.sleep(sc.rng.uniform(0.0, 1.5))
+            sink = sc.sink(write_mode="update")
+    sc.wait_progress(90)
+    sc.producer.stop_stream()
+    out = sc.assert_invariants()
+    corrections = sum(1 for r in sc.ledger.all() if r.planned.kind == "correction")
+    updated = sum(e.get("updated", 0) for e in sc.events("batch_written"))
+    assert corrections > 0 and updated > 0, (corrections, updated)
+    sc.note(f"corrections={corrections} updated={updated} rows={out.rows}")
+    sc.wait_assigned(sink)
+    assert sink.stop() == 0
