@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Literal
 
 from sink.model import COLUMNS, PRIMARY_KEY, Row
@@ -61,14 +62,15 @@ def updated_columns(mode: WriteMode) -> tuple[str, ...]:
 def latest_per_key(rows: Sequence[Row], sources: Sequence[SourceRecord], pk_index: Sequence[int]) -> list[int]:
     """The indexes (ascending) of the rows that win for their key (module docstring's rule):
     DO UPDATE cannot touch a row twice in one statement, so a batch sends one row per key."""
-    last: dict[tuple[object, ...], dict[int, int]] = {}  # key -> partition -> index of its highest offset
-    for i, row in enumerate(rows):
-        per_partition = last.setdefault(tuple(row[j] for j in pk_index), {})
+    keys = list(map(itemgetter(*pk_index), rows))
+    if len(set(keys)) == len(keys):  # the usual batch: every key once
+        return list(range(len(rows)))
+    last: dict[object, dict[int, int]] = {}  # key -> partition -> index of its highest offset
+    for i, key in enumerate(keys):
+        per_partition = last.setdefault(key, {})
         j = per_partition.get(sources[i].partition)
         if j is None or sources[i].offset > sources[j].offset:
             per_partition[sources[i].partition] = i
-    if len(last) == len(rows):
-        return list(range(len(rows)))
     return sorted(max(candidates.values(), key=lambda i: (sources[i].timestamp_ms or 0, sources[i].partition))
                   for candidates in last.values())
 
