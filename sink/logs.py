@@ -38,6 +38,8 @@ EVENTS: dict[str, str] = {
     "consumer_paused": "consumption paused (a database or broker failure is being retried)",
     "consumer_resumed": "consumption resumed",
     "kafka_error": "an error reported by librdkafka (`fatal`: true when it ends the sink)",
+    "kafka_client_log": "a log line of librdkafka itself (`facility`, `client`, `message`), e.g. a broker "
+                        "connection that failed; warnings and above",
     "dlq_topic_created": "the DLQ topic did not exist and was created (room for the input's largest record)",
     "dlq_topic_config_unknown": "the DLQ topic's max.message.bytes could not be read; Kafka's default is assumed",
     "topic_config_unreadable": "a topic's config could not be described (debug; reason)",
@@ -135,6 +137,31 @@ def format_from_env() -> LogFormat:
 def _add_logger_name(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     event_dict.setdefault("logger", event_dict.pop("_logger_name", "sink"))
     return event_dict
+
+
+class _KafkaClientLog(logging.Handler):
+    """librdkafka's own log lines (handed over by confluent-kafka as logging records whose args
+    are facility, client name, message) as kafka_client_log events: JSON like every other line,
+    instead of raw text on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
+        fields = ({"facility": args[0], "client": args[1], "message": args[2]} if args is not None
+                  else {"message": record.getMessage()})
+        _kafka_log.log(record.levelno, "kafka_client_log", **fields)
+
+
+_kafka_log: Any = structlog.get_logger(_logger_name="librdkafka")
+
+
+def kafka_client_logger() -> logging.Logger:
+    """The `logger` for every Kafka client's config (confluent-kafka serves it on poll)."""
+    logger = logging.getLogger("sink.librdkafka")
+    if not logger.handlers:
+        logger.addHandler(_KafkaClientLog())
+        logger.setLevel(logging.WARNING)  # librdkafka's notices and debug lines stay out of the log
+        logger.propagate = False
+    return logger
 
 
 def get_logger(name: str) -> Any:

@@ -5,17 +5,19 @@ kept (a topic not created yet); and what says whether the broker is up."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import KafkaError
 from structlog.testing import capture_logs
 
-from dev import services
+from dev import services, testkit
 from sink.errors import FatalError
 from sink.settings import Settings
-from sink.source import KafkaSource
+from sink.source import KafkaSource, consumer_config
 
 
 class Msg:
@@ -100,3 +102,20 @@ def test_broker_state_follows_the_statistics_both_ways_and_an_assignment_alone_p
     source.consumer = Consumer([Msg(0)])
     source.consume(10, 0.1)  # a fetch answered
     assert source.broker_up
+
+
+def test_librdkafka_s_own_log_lines_are_json_events_not_raw_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    nowhere = Settings(kafka_bootstrap_servers=f"127.0.0.1:{testkit.closed_port()}")
+    with capture_logs() as logs:
+        consumer = KafkaConsumer(consumer_config(nowhere))
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(e["event"] == "kafka_client_log" for e in logs):
+                consumer.poll(0.5)  # confluent-kafka hands log lines over on poll
+        finally:
+            consumer.close()
+    lines = [e for e in logs if e["event"] == "kafka_client_log"]
+    assert lines, "librdkafka said nothing about a broker that refuses connections"
+    assert {"facility", "client", "message"} <= set(lines[0]) and "Connection refused" in " ".join(
+        e["message"] for e in lines)
+    assert "%3|" not in capfd.readouterr().err  # librdkafka's raw format: none of it on stderr
