@@ -148,7 +148,10 @@ class _KafkaClientLog(logging.Handler):
         args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
         fields = ({"facility": args[0], "client": args[1], "message": args[2]} if args is not None
                   else {"message": record.getMessage()})
-        _kafka_log.log(record.levelno, "kafka_client_log", **fields)
+        if record.levelno >= logging.ERROR:
+            _kafka_log.error("kafka_client_log", **fields)
+        else:
+            _kafka_log.warning("kafka_client_log", **fields)
 
 
 _kafka_log: Any = structlog.get_logger(_logger_name="librdkafka")
