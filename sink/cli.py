@@ -179,11 +179,10 @@ def run(settings: Settings) -> int:
 
     if settings.run_migrations:
         _migrate(settings, stop_requested, health, metrics)
-    writer = PgWriter.from_settings(settings)
-    # A second connection: two batches' writes overlap.
-    spare_writer = PgWriter.from_settings(settings)
-    _startup_retry("db_connect", writer.connect, stop_requested, settings, metrics)
-    _startup_retry("db_connect", spare_writer.connect, stop_requested, settings, metrics)
+    # One connection per batch written at the same time (sink/write_stage.py).
+    writer, *more_writers = [PgWriter.from_settings(settings) for _ in range(settings.write_concurrency)]
+    for w in (writer, *more_writers):
+        _startup_retry("db_connect", w.connect, stop_requested, settings, metrics)
     if stopping["now"]:
         return EXIT_OK
     health.db_ok = True
@@ -199,7 +198,7 @@ def run(settings: Settings) -> int:
                                           window=settings.dlq_breaker_window,
                                           consecutive=settings.dlq_breaker_consecutive))
     pipeline = Pipeline(PipelineConfig.from_settings(settings), source, writer, committer, breaker=breaker,
-                        metrics=metrics, health=health, spare_writer=spare_writer)
+                        metrics=metrics, health=health, more_writers=more_writers)
     # The writer thread needs the GIL for a moment after each database round trip; with the
     # default 5 ms switch interval it waits that long behind the decoding loop every time.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -214,8 +213,8 @@ def run(settings: Settings) -> int:
     finally:
         source.close()
         committer.close()
-        writer.close()
-        spare_writer.close()
+        for w in (writer, *more_writers):
+            w.close()
     log.info("sink_stopped")
     return EXIT_OK
 

@@ -93,7 +93,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: Source, writer: Writer, committer: Committer, *,
                  breaker: DlqBreaker | None = None, metrics: Metrics | None = None,
                  health: HealthState | None = None, clock: Clock = time.monotonic,
-                 watchdog: Watchdog | None = None, spare_writer: Writer | None = None) -> None:
+                 watchdog: Watchdog | None = None, more_writers: Sequence[Writer] = ()) -> None:
         self.cfg = cfg
         self.source = source
         self.writer = writer
@@ -109,10 +109,9 @@ class Pipeline:
         # released: only offsets and rejections are kept, for at most commit_interval).
         self._inflight: list[InFlight] = []
         self._commits = CommitPolicyState(CommitPolicy(cfg.commit_interval), clock)
-        # Step 1 in writer threads (one per connection: a spare writer overlaps two batches),
+        # Step 1 in writer threads (one per connection: WRITE_CONCURRENCY batches at a time),
         # while this thread consumes and decodes the next batch and commits the previous ones.
-        writers = [writer] if spare_writer is None else [writer, spare_writer]
-        self._writes = WriteStage(writers, cfg.topic, cfg.max_splits, clock, cfg.write_mode)
+        self._writes = WriteStage([writer, *more_writers], cfg.topic, cfg.max_splits, clock, cfg.write_mode)
         self._held: list[SourceRecord] = []
         self._stop_requested = False
         self._stop_logged = False
@@ -157,6 +156,8 @@ class Pipeline:
         except FatalError:
             self._commit_written()
             raise
+        finally:
+            self._writes.close()
 
     def step(self) -> None:
         """One turn of the loop: hand a due batch to the writer, commit a written one, or consume.

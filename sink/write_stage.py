@@ -1,12 +1,17 @@
 """Step 1 of the guarantee off the loop's thread: batches written by writer threads, in order.
 
 The loop submits a batch, asks whether the oldest one is ready, and takes its result; meanwhile
-it consumes and decodes the next batch and commits the previous ones.  With two writers (each
-on its own connection) two batches overlap: the second one's COPY into its stage runs while the
-first one inserts, and its INSERT starts once the first one's INSERT went through (the first
-then only fetches and commits: it waits on nothing, so the two never wait on each other's rows)
-or its write ended.  Results come back in submission order; an attempt that failed is retried
-by the caller, on its own thread, through the retry it passes to result().
+it consumes and decodes the next batch and commits the previous ones.  With several writers
+(WRITE_CONCURRENCY, each on its own connection) batches are written at the same time:
+
+* Kafka's order within a partition is kept: a batch's INSERT waits until every earlier batch in
+  flight that shares a partition with it has inserted successfully (its COPY into its stage runs
+  meanwhile); batches of different partitions insert side by side.
+* No deadlocks: each batch sends its rows in primary-key order, so two INSERTs that meet on the
+  same keys take their locks in the same order (one waits, neither waits on the other).
+* Results come back in submission order, and an attempt that failed is retried by the caller,
+  on its own thread, through the retry it passes to result(); later batches of its partitions
+  wait for that retry to succeed.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import itemgetter
 from typing import Protocol
 
 from sink.batcher import Batch, Clock
@@ -27,6 +33,8 @@ from sink.logs import get_logger
 from sink.model import Row
 from sink.types import InsertTurn, Rejection, SourceRecord, WriteResult
 from sink.upsert import IGNORE, PK_INDEX, WriteMode, latest_per_key, versioned
+
+_key_of = itemgetter(*PK_INDEX)
 
 log = get_logger("sink.write_stage")
 
@@ -74,17 +82,18 @@ class Written:
 
 
 class Turn:
-    """A batch's place in the order of INSERTs: its INSERT waits for the previous batch's
-    (keeping its own open transaction alive meanwhile), and lets the next batch's go."""
+    """A batch's place in the order of INSERTs: its INSERT waits for those of the earlier batches
+    of its partitions (keeping its own open transaction alive meanwhile), and lets later ones go."""
 
-    def __init__(self, previous: threading.Event | None, every: float = WAIT_KEEPALIVE_S) -> None:
-        self._previous = previous
+    def __init__(self, previous: threading.Event | Sequence[threading.Event] | None,
+                 every: float = WAIT_KEEPALIVE_S) -> None:
+        self._previous = [previous] if isinstance(previous, threading.Event) else list(previous or ())
         self._every = every
         self.done = threading.Event()
 
     def wait(self, keepalive: Callable[[], None]) -> None:
-        if self._previous is not None:
-            while not self._previous.wait(self._every):
+        for previous in self._previous:
+            while not previous.wait(self._every):
                 keepalive()
 
     def passed(self) -> None:
@@ -101,6 +110,8 @@ class _Task:
     writer: Writer
     future: Future[Written]
     started: float
+    turn: Turn
+    partitions: frozenset[tuple[str, int]]
 
 
 class WriteStage:
@@ -113,7 +124,6 @@ class WriteStage:
         self._clock = clock
         self._next_writer = 0
         self._tasks: deque[_Task] = deque()
-        self._last_turn: Turn | None = None
         self._threads = ThreadPoolExecutor(len(self._writers), thread_name_prefix="sink-write")
 
     @property
@@ -138,19 +148,19 @@ class WriteStage:
         # Round robin, oldest taken first: the writer used is the one whose batch finished.
         writer = self._writers[self._next_writer]
         self._next_writer = (self._next_writer + 1) % len(self._writers)
-        previous = self._last_turn.done if self._tasks and self._last_turn is not None else None
-        turn = self._last_turn = Turn(previous)
+        partitions = frozenset(item.batch.ranges)
+        turn = Turn([t.turn.done for t in self._tasks if t.partitions & partitions])
         started = self._clock()
 
         def attempt() -> Written:
-            try:
-                written = self._write(item.batch, writer, turn, started)
-                item.state = BatchState.WRITTEN
-                return written
-            finally:
-                turn.passed()
+            # A failed attempt keeps its turn: the later batches of its partitions wait for
+            # the retry (result()), so none of them inserts ahead of it.
+            written = self._write(item.batch, writer, turn, started)
+            item.state = BatchState.WRITTEN
+            turn.passed()
+            return written
 
-        self._tasks.append(_Task(item, writer, self._threads.submit(attempt), started))
+        self._tasks.append(_Task(item, writer, self._threads.submit(attempt), started, turn, partitions))
 
     def result(self, retry: Callable[[Callable[[], Written]], Written]) -> Written:
         """The oldest batch's outcome, taken out of the stage; its first attempt's, or, if that
@@ -163,13 +173,32 @@ class WriteStage:
                 return first.pop().result()
             return self._write(task.item.batch, task.writer, None, task.started)
 
-        written = retry(attempt)
+        try:
+            written = retry(attempt)
+        finally:
+            task.turn.passed()  # written, or given up (the sink stops): the later batches go on
         task.item.state = BatchState.WRITTEN
         return written
 
     def settle(self) -> None:
-        """Wait for every writer thread: they read batches that a revoke is about to change."""
-        wait_futures([t.future for t in self._tasks])
+        """Wait for every writer thread: they read batches that a revoke is about to change.
+        A batch whose first attempt failed lets the later batches of its partitions go now:
+        they wait for its retry, and the retry (the loop's own thread) is what waits here."""
+        while True:
+            for t in self._tasks:
+                if t.future.done():
+                    t.turn.passed()
+            running = [t.future for t in self._tasks if not t.future.done()]
+            if not running:
+                return
+            wait_futures(running, return_when=FIRST_COMPLETED)
+
+    def close(self) -> None:
+        """The loop is leaving: no batch waits for a turn any longer (a failed one's retry will
+        not come), so every writer thread ends."""
+        for t in self._tasks:
+            t.turn.passed()
+        self._threads.shutdown(wait=False)
 
     def check(self) -> bool:
         """Is the database reachable (when idle, for /readyz)?"""
@@ -187,8 +216,10 @@ class WriteStage:
         superseded: list[SourceRecord] = []
         if self._mode.update:
             rows, sources, superseded = _latest(rows, sources)
-            if self._mode.versioned:
-                rows = versioned(rows, [s.timestamp_ms for s in sources])
+        if len(self._writers) > 1:
+            rows, sources = _in_key_order(rows, sources)
+        if self._mode.versioned:
+            rows = versioned(rows, [s.timestamp_ms for s in sources])
         calls = [0]
 
         def write(part: Sequence[Row]) -> WriteResult:
@@ -207,6 +238,15 @@ class WriteStage:
                         dlq=len(iso.poison), writes=iso.writes)
         return Written(WriteResult(inserted, len(dup_sources), insert_s=insert_s, updated=updated), rejections,
                        dup_sources, self._clock() - started)
+
+
+def _in_key_order(rows: Sequence[Row], sources: Sequence[SourceRecord]
+                  ) -> tuple[Sequence[Row], Sequence[SourceRecord]]:
+    """The rows (and their records) in primary-key order; a key's rows keep their batch order,
+    so of repeats the first is inserted (ignore mode)."""
+    keys = list(map(_key_of, rows))
+    order = sorted(range(len(rows)), key=keys.__getitem__)
+    return [rows[i] for i in order], [sources[i] for i in order]
 
 
 def _latest(rows: Sequence[Row], sources: Sequence[SourceRecord]

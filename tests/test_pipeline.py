@@ -108,7 +108,8 @@ def make(records: list[SourceRecord], batch_size: int = 10, breaker: DlqBreaker 
     conf = PipelineConfig(topic=TOPIC, batch_size=batch_size, batch_timeout=1.0, retry=RetryPolicy(0, 0.5, 4.0),
                           **cfg)
     p = Pipeline(conf, source, writer, committer, clock=clock,
-                 breaker=breaker or DlqBreaker(DlqBreakerPolicy(enabled=False)), spare_writer=spare)
+                 breaker=breaker or DlqBreaker(DlqBreakerPolicy(enabled=False)),
+                 more_writers=[spare] if spare is not None else [])
     return p, source, writer, committer, events, clock
 
 

@@ -17,11 +17,11 @@ from tests.fakes import TableWriter
 TOPIC = "t"
 
 
-def batch(first: int, n: int = 5) -> Batch:
+def batch(first: int, n: int = 5, partition: int = 0) -> Batch:
     batcher = Batcher(100, 1.0)
     for i in range(first, first + n):
         row: Row = ("2026-01-01", f"dev-{i}", "m", "c", "1", float(i), None, None)  # type: ignore[assignment]
-        batcher.add(SourceRecord(TOPIC, 0, i, None, b"{}"), row)
+        batcher.add(SourceRecord(TOPIC, partition, i, None, b"{}"), row)
     return batcher.take()
 
 
@@ -114,3 +114,76 @@ def test_a_write_error_in_the_thread_reaches_the_caller() -> None:
     with pytest.raises(RetryableError):
         stage.result(once)
     assert not stage.busy
+
+
+def test_batches_of_other_partitions_insert_side_by_side_and_of_the_same_one_in_turn() -> None:
+    marks: list[str] = []
+    gate = threading.Event()
+    writers = [GatedWriter(marks, gate) for _ in range(3)]
+    stage = WriteStage(writers, TOPIC, max_splits=8)
+    stage.submit(InFlight(batch(0, partition=0)))
+    stage.submit(InFlight(batch(5, partition=1)))  # another partition: does not wait
+    stage.submit(InFlight(batch(10, partition=0)))  # partition 0 again: waits for the first
+    threading.Event().wait(0.3)
+    assert sorted(marks) == ["insert 0", "insert 5"]
+    gate.set()
+    for _ in range(3):
+        stage.result(once)
+    assert marks[-1] == "insert 10"
+
+
+def test_a_failed_batch_holds_back_the_later_ones_of_its_partition_until_its_retry() -> None:
+    marks: list[str] = []
+    gate = threading.Event()
+    gate.set()
+    first, second = GatedWriter(marks, gate), GatedWriter(marks, gate)
+    first.fail_next = 1
+    stage = WriteStage([first, second], TOPIC, max_splits=8)
+    stage.submit(InFlight(batch(0)))
+    stage.submit(InFlight(batch(5)))
+    threading.Event().wait(0.3)
+    assert marks == ["insert 0"]  # the first attempt failed; the second batch still waits
+    stage.result(lambda attempt: _second_try(attempt))
+    stage.result(once)
+    assert marks == ["insert 0", "insert 0", "insert 5"] and len(first.rows) == 5 and len(second.rows) == 5
+
+
+def _second_try(attempt: Callable[[], Written]) -> Written:
+    try:
+        return attempt()
+    except RetryableError:
+        return attempt()
+
+
+def test_a_revoke_waiting_on_the_threads_does_not_wait_for_a_retry_that_only_it_would_run() -> None:
+    marks: list[str] = []
+    gate = threading.Event()
+    gate.set()
+    first, second = GatedWriter(marks, gate), GatedWriter(marks, gate)
+    first.fail_next = 1
+    stage = WriteStage([first, second], TOPIC, max_splits=8)
+    stage.submit(InFlight(batch(0)))
+    stage.submit(InFlight(batch(5)))
+    done = threading.Event()
+    threading.Thread(target=lambda: (stage.settle(), done.set()), daemon=True).start()
+    assert done.wait(5), "settle() waited for a batch that waits for the failed one's retry"
+    stage.close()
+
+
+def test_with_several_writers_rows_go_in_key_order_and_the_first_of_a_key_stays_first() -> None:
+    seen: list[list[str]] = []
+
+    class Recording(TableWriter):
+        def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult:
+            seen.append([f"{r[1]}:{r[5]:.0f}" for r in rows])
+            return super().write(rows, turn)
+
+    b = Batcher(100, 1.0)
+    for i, dev in enumerate(["c", "a", "b", "a"]):
+        row: Row = ("2026-01-01", dev, "m", "c", "1", float(i), None, None)  # type: ignore[assignment]
+        b.add(SourceRecord(TOPIC, 0, i, None, b"{}"), row)
+    stage = WriteStage([Recording(), Recording()], TOPIC, max_splits=8)
+    stage.submit(InFlight(b.take()))
+    written = stage.result(once)
+    assert seen == [["a:1", "a:3", "b:2", "c:0"]]
+    assert [s.offset for s in written.duplicate_sources] == [3]  # the repeat is the later record
