@@ -7,6 +7,7 @@ primary key and indexes) in the same database the sink writes to.
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,23 +76,42 @@ def _count(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def ceiling(schema: str, distinct_rows: Sequence[Row], records: int, batch_size: int) -> Timed:
-    """Binary COPY of the valid, de-duplicated rows, one transaction per `batch_size` rows.
+def ceiling(schema: str, distinct_rows: Sequence[Row], records: int, batch_size: int, connections: int = 1) -> Timed:
+    """Binary COPY of the valid, de-duplicated rows, one transaction per `batch_size` rows, over
+    `connections` connections at once (batches dealt out in turn; as many as the sink writes with).
 
     No validation, no conflict handling: what the table takes at best from one Python client."""
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         sql.Identifier(TABLE), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
-    with testkit.connect(schema, autocommit=False) as conn:
+    conns = [testkit.connect(schema, autocommit=False) for _ in range(connections)]
+    starts = list(range(0, len(distinct_rows), batch_size))
 
-        def work() -> None:
-            for i in range(0, len(distinct_rows), batch_size):
-                with conn.cursor() as cur, cur.copy(copy_sql) as copy:
-                    copy.set_types(_TYPES)
-                    for row in distinct_rows[i:i + batch_size]:
-                        copy.write_row(row)
-                conn.commit()
+    def copy_share(k: int) -> None:
+        conn = conns[k]
+        for i in starts[k::connections]:
+            with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                copy.set_types(_TYPES)
+                for row in distinct_rows[i:i + batch_size]:
+                    copy.write_row(row)
+            conn.commit()
 
-        return _timed(conn, records, work)
+    def work() -> None:
+        threads = [threading.Thread(target=copy_share, args=(k,)) for k in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    try:
+        backends = [c.info.backend_pid for c in conns]
+        db0, cpu0, t0 = sum(cpu_seconds(b) or 0.0 for b in backends), time.process_time(), time.perf_counter()
+        work()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        db = sum(cpu_seconds(b) or 0.0 for b in backends) - db0
+        return Timed(records, _count(conns[0]), seconds, cpu, db)
+    finally:
+        for c in conns:
+            c.close()
 
 
 def reference(schema: str, values: Sequence[bytes], page_size: int = 100) -> Timed:

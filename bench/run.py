@@ -74,7 +74,7 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
                profile: Path | None = None, pyspy: Path | None = None, keep: bool = False,
                outage: float = 0.0, psycopg2_reference: bool = False,
                duplicate_share: float = DUPLICATE_SHARE, correction_share: float = 0.0,
-               quota: CpuQuota | None = None) -> dict[str, Any]:
+               quota: CpuQuota | None = None, ceiling_connections: int = 1) -> dict[str, Any]:
     """Pre-load one topic, then per run: each sink variant from a fresh group into a fresh schema
     (verified), then the COPY ceiling and the reference design into fresh copies of the table.
     Variants take turns within a run, so that the machine's changing load hits them alike."""
@@ -131,7 +131,8 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
                     testkit.drop_schema(schema)
             if references:
                 ref_schema = fresh_table(template, new_schema("bench_ref"))
-                run["ceiling"] = timed_figures(ceiling(ref_schema, data.distinct_rows, count, batch_size))
+                run["ceiling"] = timed_figures(ceiling(ref_schema, data.distinct_rows, count, batch_size,
+                                                       ceiling_connections))
                 testkit.drop_schema(ref_schema)
                 ref_schema = fresh_table(template, new_schema("bench_ref"))
                 run["reference"] = timed_figures(reference(ref_schema, data.values))
@@ -153,7 +154,7 @@ def throughput(*, count: int, repeat: int, variants: Sequence[Variant], referenc
     return {"mode": "throughput", "dataset": data.describe(),
             "variants": {v.label: {"sink_dir": str(v.sink_dir or testkit.ROOT), "settings": _settings(v.overrides)}
                          for v in variants},
-            "runs": runs, "median": medians(runs),
+            "runs": runs, "median": medians(runs), "ceiling_connections": ceiling_connections,
             "correct": all(ok["ok"] for r in runs for ok in r["verdicts"].values())}
 
 
@@ -217,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--correction-share", type=float, default=0.0, metavar="SHARE",
                     help="share of records that correct an earlier one (its key, another value): what "
                          "WRITE_MODE=update overwrites (--variant update,WRITE_MODE=update)")
+    ap.add_argument("--ceiling-connections", type=int, metavar="N",
+                    help="COPY connections of the ceiling (default: the sink's WRITE_CONCURRENCY, from --set or "
+                         "its default), so that the ratio compares like with like")
     ap.add_argument("--cpu-quota", type=float, metavar="CORES",
                     help="run the sink inside a cgroup v1 cpu group limited to this many cores (0.3 = a Kubernetes "
                          "CPU limit of 300m: 30 ms per 100 ms period); needs root")
@@ -294,13 +298,17 @@ def measure(args: argparse.Namespace, overrides: dict[str, str], quota: CpuQuota
                             references=not args.no_references, logdir=args.logdir, profile=args.profile,
                             pyspy=args.pyspy, keep=args.keep, outage=args.db_outage,
                             psycopg2_reference=args.psycopg2_reference, duplicate_share=args.duplicate_share,
-                            correction_share=args.correction_share, quota=quota)
+                            correction_share=args.correction_share, quota=quota,
+                            ceiling_connections=args.ceiling_connections or int(overrides.get(
+                                "WRITE_CONCURRENCY", Settings.model_fields["write_concurrency"].default)))
         ds = result["dataset"]
         print(f"{ds['records']:,} records ({ds['invalid']:,} invalid, {ds['distinct_rows']:,} distinct rows, "
               f"{ds['devices']:,} devices, {ds['partitions']} partitions)")
         for label, v in result["variants"].items():
             st = v["settings"]
             print(f"  {label}: BATCH_SIZE={st['BATCH_SIZE']} BATCH_TIMEOUT={st['BATCH_TIMEOUT']} from {v['sink_dir']}")
+        if not args.no_references:
+            print(f"  ceiling: binary COPY over {result['ceiling_connections']} connection(s)")
         print(table(result["median"], len(result["runs"])))
         disturbed = sum(1 for r in result["runs"] for f in r["sinks"].values() if f["incidents"])
         if disturbed:
