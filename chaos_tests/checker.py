@@ -102,6 +102,17 @@ class DlqReader:
         high = _list_offsets(tps, IsolationLevel.READ_UNCOMMITTED)
         return lso == high
 
+    def describe(self) -> str:
+        """Where this reader stands against the DLQ's stable ends (for a failure message)."""
+        tps = [TopicPartition(self.topic, p) for p in self.partitions]
+        try:
+            with self._lock:
+                at = {tp.partition: tp.offset for tp in self._c.position(tps)}
+            ends = _list_offsets(tps, IsolationLevel.READ_COMMITTED)
+        except Exception as e:  # a diagnosis must not hide the failure it explains
+            return f"DLQ reader position unknown ({e!r})"
+        return f"DLQ reader at {at}, {len(self.records)} read; the DLQ's stable ends {ends}"
+
     def close(self) -> None:
         self._c.close()
 
@@ -140,6 +151,8 @@ class CheckerStats:
     regressions: list[str] = field(default_factory=list)
     # (monotonic time, sum of committed offsets) whenever the sum grew.
     progress: list[tuple[float, int]] = field(default_factory=list)
+    # (monotonic time, committed offset per partition) whenever any of them moved.
+    history: list[tuple[float, dict[int, int]]] = field(default_factory=list)
 
 
 class OffsetChecker:
@@ -214,6 +227,8 @@ class OffsetChecker:
         total = sum(committed.values())
         if not self.stats.progress or total > self.stats.progress[-1][1]:
             self.stats.progress.append((now, total))
+        if committed != (self.stats.history[-1][1] if self.stats.history else {}):
+            self.stats.history.append((now, committed))
         self.committed = {**self.committed, **committed}
 
         todo: list[tuple[Produced, int]] = []
