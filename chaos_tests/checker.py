@@ -67,11 +67,17 @@ class DlqReader:
                             "group.id": testkit.unique_name("dlqr"), "enable.auto.commit": False,
                             "isolation.level": "read_committed", "enable.partition.eof": True,
                             "auto.offset.reset": "earliest"})
-        md = self._c.list_topics(dlq_topic, timeout=10)
-        self.partitions = sorted(md.topics[dlq_topic].partitions)
+        # A broker that has not yet heard of a just-created topic answers without its partitions
+        # (on a cluster, another broker than the one that confirmed the topic): ask again.
+        self.partitions: list[int] = testkit.wait_for(lambda: self._partitions(dlq_topic), 30,
+                                                      what=f"metadata of {dlq_topic}")
         self._c.assign([TopicPartition(dlq_topic, p, 0) for p in self.partitions])
         self._at_eof: set[int] = set()
         self._lock = threading.Lock()
+
+    def _partitions(self, topic: str) -> list[int]:
+        t = self._c.list_topics(topic, timeout=10).topics.get(topic)
+        return [] if t is None or t.error is not None else sorted(t.partitions)
 
     def drain(self, max_seconds: float = 3.0) -> bool:
         """Read what is visible; True when every partition reached its stable end."""

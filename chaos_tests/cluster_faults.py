@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -221,19 +222,28 @@ class ClusterRun:
         self.supervise(functools.partial(self.sc.wait_all_committed_after, fault.started), seconds)
 
     def end(self) -> None:
-        """Stop the stream, let the sink commit everything, record the per-fault resume times and
-        memory, check the invariants, and stop the sink cleanly."""
+        """Stop the stream, let the sink commit everything, record the per-fault commit stalls and
+        the nodes' memory, check the invariants, and stop the sink cleanly."""
         sc = self.sc
         sc.producer.stop_stream()
         self.supervise(sc.wait_caught_up, 240)
-        resumed = []
-        for f in sc.faults:
-            took = sc.all_committed_after(f.started)
+        stalls = []
+        for i, f in enumerate(sc.faults):
+            until = sc.faults[i + 1].started if i + 1 < len(sc.faults) else time.monotonic()
             where = " ".join(f.detail.split()[:2])  # "node <id>": details start with Roles.of
-            resumed.append(f"{f.kind} {where} {'-' if took is None else f'{took:.1f}s'}")
-        sc.extra["all_partitions_committed_after"] = "[" + ", ".join(resumed) + "]"
+            stalls.append(f"{f.kind} {where} {_longest_gap(sc, f.started, until):.1f}s")
+        # Per fault: the longest time without any commit, from the fault to the next one.
+        sc.extra["commit_stall"] = "[" + ", ".join(stalls) + "]"
         sc.extra.setdefault("sink_restarts", 0)
         sc.extra["cluster_rss_mib"] = sum(cluster.rss_kib().values()) // 1024
         sc.assert_invariants()
         sc.wait_assigned(self.sink)
         assert self.sink.stop() == 0
+
+
+def _longest_gap(sc: Scenario, start: float, until: float) -> float:
+    """The longest time between growths of the committed offsets from `start` to `until` (or to
+    the first growth after `start`, if none came before `until`)."""
+    times = [t for t, _ in sc.checker.stats.progress if t > start]
+    points = [start, *([t for t in times if t <= until] or times[:1])]
+    return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
