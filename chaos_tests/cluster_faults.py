@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import ElectionType, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]  # missing from the stub
 
 from chaos_tests.harness import Fault, Scenario
@@ -127,8 +127,18 @@ def out_of_sync() -> list[str]:
     return problems
 
 
+def _off_preferred_leader() -> list[TopicPartition]:
+    """Partitions led by a replica other than their first (a node restarted hands its leadership
+    to the others and gets it back only by a preferred leader election)."""
+    md = _admin().list_topics(timeout=10)
+    return [TopicPartition(t, p) for t, tm in md.topics.items() for p, pm in tm.partitions.items()
+            if pm.replicas and pm.leader != pm.replicas[0]]
+
+
 def wait_in_sync(timeout: float = 120) -> float:
-    """Until out_of_sync() is empty; returns how long that took."""
+    """Until out_of_sync() is empty, and then every partition is back on its preferred leader
+    (elected as `kafka-leader-election --election-type preferred` does; left alone, the brokers'
+    auto.leader.rebalance would do it within 5 minutes); returns how long that took."""
     t0 = time.monotonic()
     last: list[str] = []
 
@@ -136,6 +146,14 @@ def wait_in_sync(timeout: float = 120) -> float:
         nonlocal last
         try:
             last = out_of_sync()
+            if not last:
+                off = _off_preferred_leader()
+                if off:
+                    last = [f"{len(off)} partitions off their preferred leader"]
+                    adm = _admin()  # keep a reference: a destroyed handle fails its futures
+                    # No request_timeout: confluent-kafka 2.16's elect_leaders raises SystemError on
+                    # its own timeout keywords; result(timeout) bounds the wait instead.
+                    adm.elect_leaders(ElectionType.PREFERRED, off).result(timeout=15)
         except Exception as e:  # a node still starting may refuse the metadata request
             last = [f"{type(e).__name__}: {e}"]
         return not last

@@ -245,7 +245,14 @@ def _await_started(started: list[tuple[Node, subprocess.Popen[bytes], tuple[int,
         for item in list(waiting):
             n, proc, mark = item
             if proc.poll() is not None:
-                raise services.ServiceError(f"node {n.id} exited with {proc.returncode}; see {n.logfile}")
+                if not services._log_has(n.logfile, mark, "Address already in use"):
+                    raise services.ServiceError(f"node {n.id} exited with {proc.returncode}; see {n.logfile}")
+                # The ports lie in Linux's ephemeral range (32768-60999): any client connection on
+                # the machine may hold one for a moment, or leave it in TIME_WAIT for 60 s.
+                services.log(f"cluster node {n.id}: a port of its is taken for now; starting it again in 5s")
+                time.sleep(5)
+                waiting[waiting.index(item)] = (n, *_launch(n))
+                continue
             if services._port_open(n.port) and services._log_has(n.logfile, mark, "Kafka Server started"):
                 services.log(f"cluster node {n.id} up on {n.address} (pid {proc.pid})")
                 waiting.remove(item)
