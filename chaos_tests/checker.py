@@ -67,11 +67,17 @@ class DlqReader:
                             "group.id": testkit.unique_name("dlqr"), "enable.auto.commit": False,
                             "isolation.level": "read_committed", "enable.partition.eof": True,
                             "auto.offset.reset": "earliest"})
-        md = self._c.list_topics(dlq_topic, timeout=10)
-        self.partitions = sorted(md.topics[dlq_topic].partitions)
+        # A broker that has not yet heard of a just-created topic answers without its partitions
+        # (on a cluster, another broker than the one that confirmed the topic): ask again.
+        self.partitions: list[int] = testkit.wait_for(lambda: self._partitions(dlq_topic), 30,
+                                                      what=f"metadata of {dlq_topic}")
         self._c.assign([TopicPartition(dlq_topic, p, 0) for p in self.partitions])
         self._at_eof: set[int] = set()
         self._lock = threading.Lock()
+
+    def _partitions(self, topic: str) -> list[int]:
+        t = self._c.list_topics(topic, timeout=10).topics.get(topic)
+        return [] if t is None or t.error is not None else sorted(t.partitions)
 
     def drain(self, max_seconds: float = 3.0) -> bool:
         """Read what is visible; True when every partition reached its stable end."""
@@ -101,6 +107,17 @@ class DlqReader:
         lso = _list_offsets(tps, IsolationLevel.READ_COMMITTED)
         high = _list_offsets(tps, IsolationLevel.READ_UNCOMMITTED)
         return lso == high
+
+    def describe(self) -> str:
+        """Where this reader stands against the DLQ's stable ends (for a failure message)."""
+        tps = [TopicPartition(self.topic, p) for p in self.partitions]
+        try:
+            with self._lock:
+                at = {tp.partition: tp.offset for tp in self._c.position(tps)}
+            ends = _list_offsets(tps, IsolationLevel.READ_COMMITTED)
+        except Exception as e:  # a diagnosis must not hide the failure it explains
+            return f"DLQ reader position unknown ({e!r})"
+        return f"DLQ reader at {at}, {len(self.records)} read; the DLQ's stable ends {ends}"
 
     def close(self) -> None:
         self._c.close()
@@ -140,6 +157,8 @@ class CheckerStats:
     regressions: list[str] = field(default_factory=list)
     # (monotonic time, sum of committed offsets) whenever the sum grew.
     progress: list[tuple[float, int]] = field(default_factory=list)
+    # (monotonic time, committed offset per partition) whenever any of them moved.
+    history: list[tuple[float, dict[int, int]]] = field(default_factory=list)
 
 
 class OffsetChecker:
@@ -214,6 +233,8 @@ class OffsetChecker:
         total = sum(committed.values())
         if not self.stats.progress or total > self.stats.progress[-1][1]:
             self.stats.progress.append((now, total))
+        if committed != (self.stats.history[-1][1] if self.stats.history else {}):
+            self.stats.history.append((now, committed))
         self.committed = {**self.committed, **committed}
 
         todo: list[tuple[Produced, int]] = []

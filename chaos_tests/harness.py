@@ -26,6 +26,7 @@ from chaos_tests.invariants import Outcome, check_final
 from chaos_tests.ledger import Ledger, StreamProducer
 from chaos_tests.records import RecordFactory
 from dev import testkit
+from sink.watchdog import EXIT_STUCK
 
 # ---------------------------------------------------------------------------- seed and profile
 
@@ -174,6 +175,24 @@ class Scenario:
             raise AssertionError(f"no {what} within {timeout:.0f}s (CHAOS_SEED={self.seed}); "
                                  f"{len(stacks)} live sink(s)\n" + "\n".join(stacks)) from None
 
+    def supervise(self, sink: testkit.SinkProcess, wait: Callable[[float], object], deadline: float,
+                  restart: Callable[[], testkit.SinkProcess] | None = None) -> testkit.SinkProcess:
+        """wait(seconds left); a sink that its watchdog ended (exit 75), and only such a sink, is
+        started again (`restart`, default sink()), as compose's `restart: unless-stopped` would,
+        and counted in the summary (sink_restarts).  Returns the sink running now."""
+        while True:
+            try:
+                wait(max(1.0, deadline - time.monotonic()))
+                return sink
+            except Exception:
+                if sink.alive() or time.monotonic() > deadline:
+                    raise
+                code = sink.wait(5)
+                assert code == EXIT_STUCK, f"the sink exited with {code}, not its watchdog's {EXIT_STUCK}"
+                self.extra["sink_restarts"] = self.extra.get("sink_restarts", 0) + 1
+                self.note(f"sink ended by its watchdog (exit {code}); restarted as a supervisor would")
+                sink = restart() if restart is not None else self.sink()
+
     @staticmethod
     def _last_event(sink: testkit.SinkProcess) -> str:
         evs = sink.events()
@@ -196,6 +215,21 @@ class Scenario:
         finally:
             f.healed = time.monotonic()
             self.note(f"healed {kind} {f.detail} after {f.healed - f.started:.1f}s")
+
+    def all_committed_after(self, since: float) -> float | None:
+        """Seconds from `since` until every partition's committed offset had moved past where it
+        stood then (None: not yet): the whole input flowing again, not just some partitions."""
+        history = self.checker.stats.history
+        before = [c for t, c in history if t <= since]
+        start = before[-1] if before else {}
+        for t, committed in history:
+            if t > since and all(committed.get(p, 0) > start.get(p, 0) for p in range(self.partitions)):
+                return t - since
+        return None
+
+    def wait_all_committed_after(self, since: float, timeout: float = 60) -> None:
+        """Until every partition's committed offset has moved past where it stood at `since`."""
+        self._wait(lambda: self.all_committed_after(since) is not None, timeout, "a commit on every partition")
 
     def recovery_times(self) -> list[tuple[Fault, float]]:
         """Per healed fault: from healing to the next growth of the committed offsets."""
@@ -274,7 +308,7 @@ class Scenario:
         stats = self.checker.stats
         problems = out.problems + [f"during the run: {v}" for v in stats.violations[:10]] + stats.regressions[:10]
         assert not problems, (f"chaos scenario {self.name} (CHAOS_SEED={self.seed}) broke invariants:\n  "
-                              + "\n  ".join(problems) + f"\nsink logs: {self.logdir}")
+                              + "\n  ".join(problems) + f"\n{self.dlq.describe()}\nsink logs: {self.logdir}")
         # At least one completed verification during the run besides the final one, which
         # verified records (a busy machine samples slowly; samples that raised do not count).
         assert self.samples_during_run >= 1 and self.verified_during_run > 0, (

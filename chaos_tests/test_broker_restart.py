@@ -9,8 +9,7 @@ import pytest
 
 from chaos_tests.faults import await_event, kill_broker
 from chaos_tests.harness import Scenario
-from dev import services, testkit
-from sink.watchdog import EXIT_STUCK
+from dev import services
 
 pytestmark = pytest.mark.chaos
 
@@ -27,7 +26,7 @@ def test_broker_sigkill_and_restart_mid_stream_loses_nothing(chaos: Callable[...
     for i in range(sc.profile.n(len(KILL_MODES))):
         mode = KILL_MODES[i % len(KILL_MODES)]
         # The hang of the fault before can come late (a call made after the broker is back).
-        sink = _supervise(sc, sink, sc.wait_progress, deadline=time.monotonic() + 150)
+        sink = sc.supervise(sink, sc.wait_progress, deadline=time.monotonic() + 150)
         if mode == "before_commit":
             trigger = await_event(sink, ("record_rejected",), 20)
             assert trigger != "timeout", "the sink never logged the event to kill the broker on (before_commit)"
@@ -44,26 +43,11 @@ def test_broker_sigkill_and_restart_mid_stream_loses_nothing(chaos: Callable[...
         # librdkafka call ignores its timeout (librdkafka#5456; the re-bootstrap that made every
         # restart do so, #5511, is off in sink/outbox.py), the sink's watchdog exits with 75
         # after its deadline; like compose's `restart: unless-stopped`, we start it again.
-        sink = _supervise(sc, sink, sc.wait_progress, deadline=time.monotonic() + 150)
+        sink = sc.supervise(sink, sc.wait_progress, deadline=time.monotonic() + 150)
     sc.producer.stop_stream()
     # The hang can also come late (a call made after the broker is back): supervise the drain too.
-    sink = _supervise(sc, sink, sc.wait_caught_up, deadline=time.monotonic() + 240)
+    sink = sc.supervise(sink, sc.wait_caught_up, deadline=time.monotonic() + 240)
     sc.assert_invariants()
     assert sink.alive(), "the sink exited when the broker went away instead of retrying"
     assert sink.stop() == 0
 
-
-def _supervise(sc: Scenario, sink: testkit.SinkProcess, wait: Callable[[float], object],
-               deadline: float) -> testkit.SinkProcess:
-    """Wait; restart a sink that its watchdog ended (exit 75), and only such a sink."""
-    while True:
-        try:
-            wait(max(1.0, deadline - time.monotonic()))
-            return sink
-        except Exception:
-            if sink.alive() or time.monotonic() > deadline:
-                raise
-            code = sink.wait(5)
-            assert code == EXIT_STUCK, f"the sink exited with {code}, not its watchdog's {EXIT_STUCK}"
-            sc.note(f"sink ended by its watchdog (exit {code}); restarted as a supervisor would")
-            sink = sc.sink()

@@ -6,6 +6,7 @@ the connections going through it.
     proxy.sever()        # reset the client ends only: the server is never told (a half-open
                          # connection, as a load balancer or NAT that drops its state leaves)
     proxy.stall(3.0)     # forward nothing, either way, for 3 s; then carry on
+    proxy.cut_off(30.0)  # reset every open connection and refuse new ones for 30 s
     proxy.close()
 
 Standard library only; one thread per direction of each connection.
@@ -68,6 +69,7 @@ class TcpProxy:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _open: threading.Event = field(default_factory=threading.Event)  # set = forwarding
     _stop: threading.Event = field(default_factory=threading.Event)
+    _refusing: threading.Event = field(default_factory=threading.Event)  # set = reset new connections
     _listener: socket.socket | None = None
 
     def start(self) -> TcpProxy:
@@ -95,6 +97,9 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            if self._refusing.is_set():
+                _drop(client, reset=True)  # cut off: as a host that is unreachable refuses
+                continue
             try:
                 server = socket.create_connection((self.target_host, self.target_port), timeout=5)
             except OSError:
@@ -159,6 +164,17 @@ class TcpProxy:
             time.sleep(seconds)
         finally:
             self._open.set()
+
+    def cut_off(self, seconds: float) -> int:
+        """Reset every open connection and refuse (reset) new ones for `seconds`, then accept
+        again; returns how many connections were open."""
+        self._refusing.set()
+        try:
+            n = self.cut()
+            time.sleep(seconds)
+        finally:
+            self._refusing.clear()
+        return n
 
     def close(self) -> None:
         self._stop.set()

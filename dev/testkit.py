@@ -52,9 +52,10 @@ def admin(bootstrap: str | None = None) -> AdminClient:
     return AdminClient({"bootstrap.servers": bootstrap or services.KAFKA_BOOTSTRAP})
 
 
-def create_topic(name: str, partitions: int = 3, bootstrap: str | None = None, timeout: float = 30) -> str:
+def create_topic(name: str, partitions: int = 3, bootstrap: str | None = None, timeout: float = 30,
+                 replication_factor: int = 1) -> str:
     adm = admin(bootstrap)  # keep a reference: a destroyed handle fails its futures
-    futures = adm.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    futures = adm.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)])
     for fut in futures.values():
         fut.result(timeout=timeout)
     wait_topic_ready(name, partitions, bootstrap)
