@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config_invalid", reason=str(e))
         print(f"kafka-timescale-sink: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_format, settings.log_level)
+    # check's report is its stdout; what it logs on the way (a Kafka client's warnings) goes to stderr.
+    configure_logging(settings.log_format, settings.log_level, stream=sys.stderr if args.command == "check" else None)
     try:
         if args.command == "run":
             return run(settings)

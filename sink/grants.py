@@ -61,9 +61,11 @@ def missing_write_privileges(conn: psycopg.Connection[Any], schema: str, table: 
         out += [Missing(user, p, qualified, f"GRANT {p} ON {qualified} TO {role};")
                 for p, held in zip(WRITE_PRIVILEGES, table_privileges, strict=True) if not held]
     if table_found and update:
+        # Of the columns that exist: a missing one is the writer's to report (a migration is missing).
         regclass = sql.Identifier(schema, table).as_string(conn)
-        lacking = [c for c in update
-                   if not scalar(conn, "SELECT has_column_privilege(%s::regclass, %s, 'UPDATE')", [regclass, c])]
+        lacking = [c for c in update if scalar(
+            conn, "SELECT NOT has_column_privilege(a.attrelid, a.attnum, 'UPDATE') FROM pg_catalog.pg_attribute a"
+                  " WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped", [regclass, c])]
         if lacking:
             cols = ", ".join(lacking)
             out.append(Missing(user, f"UPDATE ({cols})", qualified,

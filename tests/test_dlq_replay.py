@@ -158,9 +158,9 @@ def test_replay_inserts_exactly_the_fixable_records_and_the_broken_ones_return_w
     first = f.replay()
     assert first["outcome"] == "completed"
     assert first["group"] == f.replay_group
-    assert first["counts"] == {"replayed": f.fixable + f.broken, "inserted": f.fixable, "already_present": 0,
-                               "republished": 0, "valid": 0, "failed_again": f.broken, "dlq": f.broken,
-                               "skipped": 0}
+    assert first["counts"] == {"replayed": f.fixable + f.broken, "inserted": f.fixable, "updated": 0,
+                               "already_present": 0, "republished": 0, "valid": 0, "failed_again": f.broken,
+                               "dlq": f.broken, "skipped": 0}
     assert testkit.row_count(f.schema) == f.ok + f.fixable
     values = sorted(r[5] for r in testkit.rows(f.schema) if r[5] >= 1000)
     assert values == [5000.0 + i for i in range(f.fixable)]
@@ -313,8 +313,8 @@ def test_filtered_replay_uses_its_own_group_and_leaves_other_records_to_a_later_
     operator_fixes(f.schema)
     only = f.replay("--error-class", "InvalidJson", "--on-failure", "skip")
     assert only["group"].startswith(f.replay_group + ".f-")
-    assert only["counts"] == {"replayed": 4, "inserted": 0, "already_present": 0, "republished": 0, "valid": 0,
-                              "failed_again": 4, "dlq": 0, "skipped": f.fixable + f.broken - 4}
+    assert only["counts"] == {"replayed": 4, "inserted": 0, "updated": 0, "already_present": 0, "republished": 0,
+                              "valid": 0, "failed_again": 4, "dlq": 0, "skipped": f.fixable + f.broken - 4}
     # The default group did not move: the skipped records are all still there for it.
     assert testkit.committed_offsets(f.replay_group, f.dlq) == {}
     assert testkit.committed_offsets(only["group"], f.dlq) == {
