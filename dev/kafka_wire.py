@@ -93,15 +93,16 @@ def _call(host: str, port: int, api_key: int, version: int, body: bytes, timeout
     with socket.create_connection((host, port), timeout=timeout) as s:
         payload = header + body
         s.sendall(struct.pack(">i", len(payload)) + payload)
-        size = struct.unpack(">i", _recv(s, 4))[0]
-        r = _Reader(_recv(s, size))
+        size = struct.unpack(">i", recv_exactly(s, 4))[0]
+        r = _Reader(recv_exactly(s, size))
     if r.take(">i") != 1:
         raise WireError("response to another request")
     r.skip_tags()  # response header v1
     return r
 
 
-def _recv(s: socket.socket, n: int) -> bytes:
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    """n bytes from the socket (a response is framed by its size)."""
     buf = bytearray()
     while len(buf) < n:
         chunk = s.recv(n - len(buf))

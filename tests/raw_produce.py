@@ -13,6 +13,8 @@ import struct
 import time
 from collections.abc import Sequence
 
+from dev.kafka_wire import recv_exactly
+
 RawHeaders = Sequence[tuple[bytes, bytes | None]]
 
 
@@ -70,16 +72,6 @@ def _string(s: str) -> bytes:
     return struct.pack(">h", len(b)) + b
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("broker closed the connection")
-        out += chunk
-    return bytes(out)
-
-
 def produce_raw(bootstrap: str, topic: str, partition: int,
                 records: Sequence[tuple[bytes | None, bytes | None, RawHeaders]], timeout: float = 10.0) -> int:
     """Append the records to topic/partition (acks=all); returns the first record's offset."""
@@ -91,8 +83,8 @@ def produce_raw(bootstrap: str, topic: str, partition: int,
             + struct.pack(">i", len(batch)) + batch)
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(struct.pack(">i", len(body)) + body)
-        size = struct.unpack(">i", _read_exactly(sock, 4))[0]
-        resp = _read_exactly(sock, size)
+        size = struct.unpack(">i", recv_exactly(sock, 4))[0]
+        resp = recv_exactly(sock, size)
     # correlation id, topics=1, topic name, partitions=1, partition, error code, base offset
     pos = 4 + 4
     name_len = struct.unpack_from(">h", resp, pos)[0]
