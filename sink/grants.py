@@ -105,7 +105,20 @@ def grant_runtime(conn: psycopg.Connection[Any], schema: str, role: str, table: 
                                                                  target, who))
             granted.append(f"{', '.join(privileges)} on {schema}.{name}")
         if name == table and update:
+            granted.append(_grant_update(conn, target, who, update, f"{schema}.{name}"))
+    return granted
+
+
+def _grant_update(conn: psycopg.Connection[Any], target: sql.Identifier, who: sql.Identifier,
+                  update: tuple[str, ...], name: str) -> str:
+    """UPDATE of the `update` columns; of the whole table where the columns cannot take a grant
+    of their own: TimescaleDB hands a hypertable's grants on to its compressed hypertable, whose
+    columns have other names (42703), so there only the table-wide privilege works."""
+    try:
+        with conn.transaction():  # a savepoint: the fallback runs in the caller's transaction
             conn.execute(sql.SQL("GRANT UPDATE ({}) ON {} TO {}").format(
                 sql.SQL(", ").join(map(sql.Identifier, update)), target, who))
-            granted.append(f"UPDATE ({', '.join(update)}) on {schema}.{name}")
-    return granted
+        return f"UPDATE ({', '.join(update)}) on {name}"
+    except psycopg.errors.UndefinedColumn:
+        conn.execute(sql.SQL("GRANT UPDATE ON {} TO {}").format(target, who))
+        return f"UPDATE on {name} (TimescaleDB: column grants do not reach compressed chunks)"

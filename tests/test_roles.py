@@ -277,7 +277,11 @@ def test_a_privilege_revoked_while_running_stops_the_sink_without_committing(rol
 def test_update_mode_grants_update_of_the_overwritten_columns_only(roles: Roles, topic: str, group: str,
                                                                    logdir: Path) -> None:
     [granted] = [e for e in migrate(roles, topic, group, write_mode="update") if e["event"] == "writer_role_granted"]
-    assert f"UPDATE (value, unit, topic, source_version) on {roles.schema}.iot_measurements" in granted["privileges"]
+    # TimescaleDB's compressed hypertable takes no column grants: there UPDATE is table-wide.
+    table = f"{roles.schema}.iot_measurements"
+    update = (f"UPDATE on {table} (TimescaleDB: column grants do not reach compressed chunks)"
+              if services.TIMESCALEDB else f"UPDATE (value, unit, topic, source_version) on {table}")
+    assert update in granted["privileges"]
     testkit.produce(topic, [measurement(1), measurement(1, value=7)], partition=0)
     sink = testkit.SinkProcess(roles.env(roles.writer, topic, group, run_migrations="false", write_mode="update"),
                                logdir / "sink-update.log").start()
@@ -290,8 +294,9 @@ def test_update_mode_grants_update_of_the_overwritten_columns_only(roles: Roles,
             sink.kill()
     with roles.connect(roles.owner) as conn:
         assert conn.execute("SELECT value FROM iot_measurements").fetchall() == [(7.0,)]
-    with roles.connect(roles.writer) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        conn.execute("UPDATE iot_measurements SET device_id = 'x'")  # a key column: never
+    if not services.TIMESCALEDB:
+        with roles.connect(roles.writer) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE iot_measurements SET device_id = 'x'")  # a key column: never
     migrate(roles, topic, group)  # back to ignore mode: the UPDATE goes
     held = services.psql_admin(f"SELECT has_column_privilege('{roles.writer}', '\"{roles.schema}\".iot_measurements',"
                                " 'value', 'UPDATE')")
