@@ -245,6 +245,15 @@ class ClusterRun:
     def restart(self) -> testkit.SinkProcess:
         return self.sc.sink(**self.env)
 
+    def bring_back(self, node_id: int, fault: Fault, down: float) -> None:
+        """Start the killed node `down` seconds after the fault, wait until the cluster is in
+        sync, and until the sink works again."""
+        time.sleep(max(0.0, fault.started + down - time.monotonic()))
+        with self.sc.fault("restart", f"node {node_id}"):
+            cluster.start_node(node_id)
+            wait_in_sync()
+        self.supervise(self.sc.wait_progress)
+
     def supervise(self, wait: Callable[[float], object], seconds: float = 150) -> None:
         """Wait, restarting a sink its watchdog ended (counted as sink_restarts).  150 s: the
         watchdog's 90 s deadline, a restart, and a rejoin."""

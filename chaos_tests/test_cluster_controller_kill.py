@@ -10,7 +10,6 @@ import pytest
 
 from chaos_tests.cluster_faults import ClusterRun, wait_in_sync, wait_new_controller
 from chaos_tests.harness import Scenario
-from dev import cluster
 
 pytestmark = pytest.mark.chaos
 
@@ -29,10 +28,6 @@ def test_active_controller_sigkill_loses_nothing(cluster_chaos: Callable[..., Sc
         sc.extra[f"election_{i}_s"] = time.monotonic() - f.started
         sc.note(f"node {successor} is the active controller")
         run.committed_everywhere_since(f)
-        time.sleep(max(0.0, f.started + sc.rng.uniform(12.0, 20.0) - time.monotonic()))
-        with sc.fault("restart", f"node {victim}"):
-            cluster.start_node(victim)
-            wait_in_sync()
-        run.supervise(sc.wait_progress)
+        run.bring_back(victim, f, sc.rng.uniform(12.0, 20.0))
     run.end()
     run.assert_no_sink_restart()

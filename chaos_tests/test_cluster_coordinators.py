@@ -14,7 +14,6 @@ import pytest
 from chaos_tests.cluster_faults import ClusterRun, Roles, wait_in_sync
 from chaos_tests.faults import await_event
 from chaos_tests.harness import Scenario
-from dev import cluster
 
 pytestmark = pytest.mark.chaos
 
@@ -44,10 +43,6 @@ def _kill_coordinator(sc: Scenario, which: Callable[[Roles], int], kind: str) ->
         with sc.fault(kind, f"{roles.of(victim)} (on {trigger})") as f:
             run.kill(victim, roles)
         run.committed_everywhere_since(f)  # with a new coordinator, the node still down
-        time.sleep(max(0.0, f.started + sc.rng.uniform(12.0, 20.0) - time.monotonic()))
-        with sc.fault("restart", f"node {victim}"):
-            cluster.start_node(victim)
-            wait_in_sync()
-        run.supervise(sc.wait_progress)
+        run.bring_back(victim, f, sc.rng.uniform(12.0, 20.0))
     run.end()
     run.assert_no_sink_restart()

@@ -3,14 +3,12 @@ stream, kept down past the broker session timeout (its leadership moves), then r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
 
 from chaos_tests.cluster_faults import ClusterRun, wait_in_sync
 from chaos_tests.harness import Scenario
-from dev import cluster
 
 pytestmark = pytest.mark.chaos
 
@@ -29,10 +27,6 @@ def test_leader_sigkill_moves_partitions_and_loses_nothing(cluster_chaos: Callab
         with sc.fault("sigkill", f"{roles.of(victim)}, down {down:.0f}s") as f:
             run.kill(victim, roles)
         run.committed_everywhere_since(f)  # on the new leaders, with the node still down
-        time.sleep(max(0.0, f.started + down - time.monotonic()))
-        with sc.fault("restart", f"node {victim}"):
-            cluster.start_node(victim)
-            wait_in_sync()
-        run.supervise(sc.wait_progress)
+        run.bring_back(victim, f, down)
     run.end()
     run.assert_no_sink_restart()
