@@ -124,6 +124,7 @@ class WriteStage:
         self._clock = clock
         self._next_writer = 0
         self._tasks: deque[_Task] = deque()
+        self._retrying: _Task | None = None  # taken out by result(), its retry running on the loop's thread
         self._threads = ThreadPoolExecutor(len(self._writers), thread_name_prefix="sink-write")
 
     @property
@@ -173,9 +174,11 @@ class WriteStage:
                 return first.pop().result()
             return self._write(task.item.batch, task.writer, None, task.started)
 
+        self._retrying = task
         try:
             written = retry(attempt)
         finally:
+            self._retrying = None
             task.turn.passed()  # written, or given up (the sink stops): the later batches go on
         task.item.state = BatchState.WRITTEN
         return written
@@ -184,6 +187,8 @@ class WriteStage:
         """Wait for every writer thread: they read batches that a revoke is about to change.
         A batch whose first attempt failed lets the later batches of its partitions go now:
         they wait for its retry, and the retry (the loop's own thread) is what waits here."""
+        if self._retrying is not None:  # a revoke served by the retry's own polling
+            self._retrying.turn.passed()
         while True:
             for t in self._tasks:
                 if t.future.done():

@@ -187,3 +187,31 @@ def test_with_several_writers_rows_go_in_key_order_and_the_first_of_a_key_stays_
     written = stage.result(once)
     assert seen == [["a:1", "a:3", "b:2", "c:0"]]
     assert [s.offset for s in written.duplicate_sources] == [3]  # the repeat is the later record
+
+
+def test_a_revoke_during_the_retry_of_the_oldest_batch_does_not_wait_for_the_retry() -> None:
+    # The loop retries the oldest batch itself, polling Kafka between attempts; a rebalance
+    # served by that poll waits for the writer threads (settle), one of which waits for the
+    # retried batch.  The wait must end: the revoke lets the later batch go.
+    marks: list[str] = []
+    gate = threading.Event()
+    gate.set()
+    first, second = GatedWriter(marks, gate), GatedWriter(marks, gate)
+    first.fail_next = 1
+    stage = WriteStage([first, second], TOPIC, max_splits=8)
+    stage.submit(InFlight(batch(0)))
+    stage.submit(InFlight(batch(5)))
+    settled = threading.Event()
+
+    def retry_serving_a_revoke(attempt: Callable[[], Written]) -> Written:
+        try:
+            return attempt()
+        except RetryableError:
+            waiter = threading.Thread(target=lambda: (stage.settle(), settled.set()), daemon=True)
+            waiter.start()
+            waiter.join(5)  # the revoke callback runs inside the retry's poll
+            return attempt()
+
+    stage.result(retry_serving_a_revoke)
+    assert settled.is_set(), "settle() waited for the retry that was waiting for it"
+    stage.result(once)
