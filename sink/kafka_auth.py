@@ -11,7 +11,6 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from sink.errors import classify_kafka_error
-from sink.logs import kafka_client_logger
 from sink.settings import Settings
 
 # What no retry fixes: wrong credentials or mechanism, a certificate the CA does not vouch for.
@@ -47,7 +46,7 @@ def admin_metadata(settings: Settings, cause: str, timeout: float = 15.0) -> tup
     """An admin client and the cluster's metadata (the topics the principal may describe).  A
     refused login or TLS setup is a FatalError within about a second, not a retryable timeout."""
     watch = LoginWatch()
-    conf: dict[str, Any] = {**settings.kafka_client_config(), "error_cb": watch, "logger": kafka_client_logger()}
+    conf: dict[str, Any] = {**settings.kafka_client_config(), "error_cb": watch}
     admin = AdminClient(conf)
     deadline = time.monotonic() + timeout
     while True:

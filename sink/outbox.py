@@ -29,7 +29,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC, DlqRecord, fit_record, parse_headers, record_bytes
 from sink.errors import FatalError, KafkaAccess, RetryableError, classify_kafka_error, kafka_error
 from sink.kafka_auth import LoginWatch, principal
-from sink.logs import get_logger, kafka_client_logger
+from sink.logs import get_logger
 from sink.produce import produce_waiting
 from sink.settings import Settings
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
@@ -62,7 +62,6 @@ def producer_config(settings: Settings, transactional: bool,
     conf: dict[str, Any] = {
         **settings.kafka_client_config(),
         "client.id": f"kafka-timescale-sink-dlq-{socket.gethostname()}",
-        "logger": kafka_client_logger(),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,

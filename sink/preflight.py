@@ -22,7 +22,6 @@ from sink.catalog import relation_exists, scalar, schema_exists
 from sink.errors import FatalError, SinkError, kafka_error, pg_message
 from sink.grants import missing_write_privileges
 from sink.kafka_auth import admin_metadata
-from sink.logs import kafka_client_logger
 from sink.migrations import MigrationError, load_migrations, recorded_migrations, sql_dir
 from sink.outbox import transactional_id_prefix
 from sink.settings import Settings
@@ -57,7 +56,7 @@ def would_start(findings: list[Finding]) -> bool:
 def kafka_checks(s: Settings) -> list[Finding]:
     out: list[Finding] = []
     add = out.append
-    conf: dict[str, Any] = {**s.kafka_client_config(), "logger": kafka_client_logger()}
+    conf: dict[str, Any] = s.kafka_client_config()
     try:
         admin, md = admin_metadata(s, "broker", TIMEOUT_S)
     except FatalError as e:  # a refused login or TLS setup: the message says what to check

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sink.logs import kafka_client_logger
+
 # The sink's database sessions say who they are (pg_stat_activity.application_name).
 APPLICATION_NAME = "kafka-timescale-sink"
 
@@ -229,11 +231,12 @@ class Settings(BaseSettings):
             conf["ssl.ca.location"] = self.kafka_ssl_ca_location
         return conf
 
-    def kafka_client_config(self) -> dict[str, str]:
+    def kafka_client_config(self) -> dict[str, Any]:
         """What every Kafka client of the sink starts from: security, KAFKA_EXTRA_CONFIG, the
-        brokers.  Includes the SASL password: pass it to librdkafka, never log it."""
+        brokers, and the logger that makes librdkafka's own log lines JSON events.  Includes the
+        SASL password: pass it to librdkafka, never log it."""
         return {**self.kafka_security_config(), **self.kafka_extra_config,
-                "bootstrap.servers": self.kafka_bootstrap_servers}
+                "bootstrap.servers": self.kafka_bootstrap_servers, "logger": kafka_client_logger()}
 
     def _check_tls_files(self) -> None:
         # Found now, named by variable, rather than as a connection error after the first retry.

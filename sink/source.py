@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from sink.errors import FatalError, KafkaAccess, classify_kafka_error
 from sink.kafka_auth import LoginWatch, principal
-from sink.logs import get_logger, kafka_client_logger
+from sink.logs import get_logger
 from sink.settings import Settings
 from sink.types import Headers, SourceRecord, UnreadableHeaders
 
@@ -47,7 +47,6 @@ def consumer_config(settings: Settings, extra: dict[str, Any] | None = None) -> 
         "auto.offset.reset": settings.kafka_auto_offset_reset,
         "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
     }
-    conf["logger"] = kafka_client_logger()
     conf.update(extra or {})
     return conf
 

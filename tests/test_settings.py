@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sink.logs import kafka_client_logger
 from sink.settings import ConfigError, Settings, load_settings
 
 PASSWORD = "s3cr3t-Pa55word!"
@@ -239,7 +240,8 @@ def test_kafka_security_settings_become_the_clients_config(monkeypatch: pytest.M
     s = load_settings()
     assert s.kafka_client_config() == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
                                        "sasl.username": "sink", "sasl.password": PASSWORD,
-                                       "ssl.ca.location": str(ca), "bootstrap.servers": "kafka:29092"}
+                                       "ssl.ca.location": str(ca), "bootstrap.servers": "kafka:29092",
+                                       "logger": kafka_client_logger()}
     assert PASSWORD not in json.dumps(s.safe_summary()) + repr(s)
 
 
