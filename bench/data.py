@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 from confluent_kafka import Producer
@@ -13,7 +12,7 @@ from pydantic import ValidationError
 
 from dev import services
 from sink.demo import records
-from sink.model import COLUMNS, PRIMARY_KEY, IotMeasurement, Row, as_row
+from sink.model import IotMeasurement, Row, as_row, row_key
 from sink.produce import produce_waiting
 
 DEVICES = 1000
@@ -21,8 +20,6 @@ INVALID_SHARE = 0.01
 DUPLICATE_SHARE = 0.05
 PARTITIONS = 3
 
-pk_of: Any = itemgetter(*(COLUMNS.index(c) for c in PRIMARY_KEY))
-"""Row -> its primary key tuple."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class Dataset:
         seen: set[tuple[Any, ...]] = set()
         out: list[Row] = []
         for row in self.valid_rows:
-            key = pk_of(row)
+            key = row_key(row)
             if key not in seen:
                 seen.add(key)
                 out.append(row)
@@ -79,7 +76,7 @@ def make_dataset(count: int, seed: int = 8, duplicate_share: float = DUPLICATE_S
             invalid.append(i)
             continue
         rows.append(row)
-        expected.setdefault(pk_of(row), set()).add(row)
+        expected.setdefault(row_key(row), set()).add(row)
     return Dataset(values, tuple(invalid), rows, {k: frozenset(v) for k, v in expected.items()})
 
 

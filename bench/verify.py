@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.data import PARTITIONS, Dataset, pk_of
+from bench.data import PARTITIONS, Dataset
 from dev import testkit
 from sink.envelope import H_OFFSET, H_PARTITION, H_TOPIC
+from sink.model import row_key
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def verify(data: Dataset, *, schema: str, topic: str, group: str, dlq_topic: str
     keys = set()
     unexpected = 0
     for row in found:
-        key = pk_of(row)
+        key = row_key(row)
         keys.add(key)
         if row not in data.expected.get(key, frozenset()):
             unexpected += 1

@@ -27,7 +27,7 @@ from sink.outbox import Outbox, Output
 from sink.retry import RetryPolicy, retrying
 from sink.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from sink.types import Rejection, SourceRecord, WriteResult
-from sink.upsert import IGNORE, PK_INDEX, WriteMode, latest_per_key, versioned
+from sink.upsert import IGNORE, WriteMode, latest_per_key, versioned
 
 log = get_logger("dlq.replay")
 
@@ -297,10 +297,7 @@ class Replayer:
             iso = self._retry("db_write", lambda: write_isolating_poison(rows, writer.write, self.opts.max_splits))
             results = {}
             for start, length, res in iso.written:
-                dups, updated = set(res.duplicate_indexes), set(res.updated_indexes)
-                for j in range(length):
-                    results[start + j] = (Fate.ALREADY_PRESENT if j in dups else
-                                          Fate.UPDATED if j in updated else Fate.INSERTED)
+                results.update((start + j, fate) for j, fate in _fates(res, length).items())
             poison = iso.poison
         for j, fate in results.items():
             items[valid[j]].fate = fate
@@ -423,7 +420,7 @@ def _latest(items: list[_Item], valid: list[int]) -> list[int]:
     """Of `valid`, one per key (sink/upsert.py's rule over the original records); the others
     changed nothing."""
     rows = [row for i in valid if (row := items[i].row) is not None]
-    kept = [valid[k] for k in latest_per_key(rows, [_origin(items[i]) for i in valid], PK_INDEX)]
+    kept = [valid[k] for k in latest_per_key(rows, [_origin(items[i]) for i in valid])]
     for i in set(valid) - set(kept):
         items[i].fate = Fate.ALREADY_PRESENT
     return kept

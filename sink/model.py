@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Annotated, Any
 
 from pydantic import (
@@ -198,3 +198,5 @@ PRIMARY_KEY: tuple[str, ...] = ("timestamp", "device_id", "connector_mode", "com
 Row = tuple[Any, ...]
 as_row: Any = attrgetter(*COLUMNS)
 """IotMeasurement -> Row tuple in COLUMNS order (attrgetter: no per-field Python loop)."""
+row_key: Any = itemgetter(*(COLUMNS.index(c) for c in PRIMARY_KEY))
+"""Row -> its primary key tuple."""

@@ -179,9 +179,12 @@ class _Producing:
     def _lower_limit(self) -> None:
         self._set_limit(lower_limit(self._limit))
 
-    def _fitted(self, topic: str, rec: DlqRecord) -> DlqRecord:
-        """DLQ records are cut down to what the DLQ topic takes; others are produced as they are."""
-        return fit(rec, self._limit) if topic == self._dlq_topic else rec
+    def _send(self, producer: Any, topic: str, rec: DlqRecord, on_delivery: Callable[[Any, Any], None]) -> None:
+        """Queue one record; DLQ records cut down to what the DLQ topic takes, others as they are."""
+        if topic == self._dlq_topic:
+            rec = fit(rec, self._limit)
+        produce_waiting(producer, topic, value=rec.value, key=rec.key, headers=list(rec.headers),
+                        on_delivery=on_delivery)
 
 
 class TransactionalOutbox(_Producing):
@@ -279,8 +282,7 @@ class TransactionalOutbox(_Producing):
             if err is not None:
                 refused.append(err)
 
-        rec = self._fitted(topic, rec)
-        produce_waiting(p, topic, value=rec.value, key=rec.key, headers=list(rec.headers), on_delivery=on_delivery)
+        self._send(p, topic, rec, on_delivery)
 
     def _commit(self, p: Producer, work: _Work) -> None:
         # A retriable commit error leaves the transaction committing: commit again, never abort.
@@ -377,10 +379,8 @@ class PlainOutbox(_Producing):
         # Step 1.
         for i in batch.to_produce():
             topic, rec = outputs[i]
-            rec = self._fitted(topic, rec)
             try:
-                produce_waiting(self._producer, topic, value=rec.value, key=rec.key, headers=list(rec.headers),
-                                on_delivery=batch.on_ack(i))
+                self._send(self._producer, topic, rec, batch.on_ack(i))
             except KafkaException as e:  # refused before queueing, e.g. larger than message.max.bytes
                 raise classify_kafka_error(e, "dlq_publish", self._access) from e
             batch.mark_queued(i)

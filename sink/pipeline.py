@@ -96,7 +96,6 @@ class Pipeline:
                  watchdog: Watchdog | None = None, more_writers: Sequence[Writer] = ()) -> None:
         self.cfg = cfg
         self.source = source
-        self.writer = writer
         self.committer = committer
         self.breaker = breaker or DlqBreaker(DlqBreakerPolicy())
         self.metrics = metrics or Metrics()

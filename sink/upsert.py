@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Literal
 
-from sink.model import COLUMNS, PRIMARY_KEY, Row
+from sink.model import COLUMNS, PRIMARY_KEY, Row, row_key
 from sink.settings import Settings
 from sink.types import SourceRecord
 
 VERSION_COLUMN = "source_version"
-PK_INDEX = tuple(COLUMNS.index(c) for c in PRIMARY_KEY)  # the key's fields in a Row
 
 
 @dataclass(frozen=True)
@@ -59,10 +57,10 @@ def updated_columns(mode: WriteMode) -> tuple[str, ...]:
     return (*others, VERSION_COLUMN) if mode.versioned else others
 
 
-def latest_per_key(rows: Sequence[Row], sources: Sequence[SourceRecord], pk_index: Sequence[int]) -> list[int]:
+def latest_per_key(rows: Sequence[Row], sources: Sequence[SourceRecord]) -> list[int]:
     """The indexes (ascending) of the rows that win for their key (module docstring's rule):
     DO UPDATE cannot touch a row twice in one statement, so a batch sends one row per key."""
-    keys = list(map(itemgetter(*pk_index), rows))
+    keys = list(map(row_key, rows))
     if len(set(keys)) == len(keys):  # the usual batch: every key once
         return list(range(len(rows)))
     last: dict[object, dict[int, int]] = {}  # key -> partition -> index of its highest offset

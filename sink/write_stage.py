@@ -24,17 +24,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from enum import Enum
-from operator import itemgetter
 from typing import Protocol
 
 from sink.batcher import Batch, Clock
 from sink.bisect import write_isolating_poison
 from sink.logs import get_logger
-from sink.model import Row
+from sink.model import Row, row_key
 from sink.types import InsertTurn, Rejection, SourceRecord, WriteResult
-from sink.upsert import IGNORE, PK_INDEX, WriteMode, latest_per_key, versioned
-
-_key_of = itemgetter(*PK_INDEX)
+from sink.upsert import IGNORE, WriteMode, latest_per_key, versioned
 
 log = get_logger("sink.write_stage")
 
@@ -45,9 +42,6 @@ WAIT_KEEPALIVE_S = 5.0
 
 
 class Writer(Protocol):
-    @property
-    def connected(self) -> bool: ...
-
     def write(self, rows: Sequence[Row], turn: InsertTurn | None = None) -> WriteResult: ...
 
     def check(self) -> bool: ...
@@ -85,9 +79,8 @@ class Turn:
     """A batch's place in the order of INSERTs: its INSERT waits for those of the earlier batches
     of its partitions (keeping its own open transaction alive meanwhile), and lets later ones go."""
 
-    def __init__(self, previous: threading.Event | Sequence[threading.Event] | None,
-                 every: float = WAIT_KEEPALIVE_S) -> None:
-        self._previous = [previous] if isinstance(previous, threading.Event) else list(previous or ())
+    def __init__(self, previous: Sequence[threading.Event], every: float = WAIT_KEEPALIVE_S) -> None:
+        self._previous = list(previous)
         self._every = every
         self.done = threading.Event()
 
@@ -210,10 +203,10 @@ class WriteStage:
         return self._writers[0].check()
 
     def _write(self, batch: Batch, writer: Writer, turn: Turn | None, started: float) -> Written:
-        """One attempt at step 1.  Every write of the batch waits for the previous batch's INSERT,
-        and only the whole batch's first write lets the next batch go: a batch that bisects around
-        poison lets it go when its write has ended (submit), so its later INSERTs never wait on
-        the next batch's rows while that one waits on theirs."""
+        """One attempt at step 1.  Every write of the batch waits for the INSERTs of the earlier
+        batches of its partitions, and only the whole batch's first write lets later ones go: a
+        batch that bisects around poison lets them go when its write has ended (submit), so its
+        later INSERTs never wait on a later batch's rows while that one waits on theirs."""
         rows: Sequence[Row] = batch.rows
         sources: Sequence[SourceRecord] = batch.row_sources
         if not rows:
@@ -249,7 +242,7 @@ def _in_key_order(rows: Sequence[Row], sources: Sequence[SourceRecord]
                   ) -> tuple[Sequence[Row], Sequence[SourceRecord]]:
     """The rows (and their records) in primary-key order; a key's rows keep their batch order,
     so of repeats the first is inserted (ignore mode)."""
-    keys = list(map(_key_of, rows))
+    keys = list(map(row_key, rows))
     order = sorted(range(len(rows)), key=keys.__getitem__)
     return [rows[i] for i in order], [sources[i] for i in order]
 
@@ -257,7 +250,7 @@ def _in_key_order(rows: Sequence[Row], sources: Sequence[SourceRecord]
 def _latest(rows: Sequence[Row], sources: Sequence[SourceRecord]
             ) -> tuple[Sequence[Row], Sequence[SourceRecord], list[SourceRecord]]:
     """One row per key (the newest, sink/upsert.py), and the records superseded by it."""
-    kept = latest_per_key(rows, sources, PK_INDEX)
+    kept = latest_per_key(rows, sources)
     if len(kept) == len(rows):
         return rows, sources, []
     keep = set(kept)

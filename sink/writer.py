@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from operator import itemgetter
 from typing import Any
@@ -84,7 +84,7 @@ def classify_upserts(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]], p
     updated; the rest changed nothing (counted, and indexed, as duplicates)."""
     result = classify_duplicates(rows, [r[:-1] for r in returned], pk_index)
     is_new = {r[:-1]: r[-1] for r in returned}  # one row per key: the batch was deduplicated
-    key_of = itemgetter(*pk_index)
+    key_of = _key_function(pk_index)
     unchanged = set(result.duplicate_indexes)
     updated = tuple(i for i, row in enumerate(rows) if i not in unchanged and not is_new[key_of(row)])
     return replace(result, inserted=len(returned) - len(updated), updated=len(updated), updated_indexes=updated)
@@ -97,8 +97,7 @@ def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]]
     Returned keys in row order (insert_statement's ORDER BY) are matched in one walk; any other
     order falls back to counting keys in a dict.  A batch whose rows all came back never gets
     here: PgWriter.write() sees that in the row count and fetches no keys."""
-    key_of = itemgetter(*pk_index) if len(pk_index) > 1 else lambda row: (row[pk_index[0]],)
-    keys = list(map(key_of, rows))
+    keys = list(map(_key_function(pk_index), rows))
     dups = _in_order_duplicates(keys, returned)
     if dups is not None:
         return WriteResult(inserted=len(rows) - len(dups), duplicates=len(dups), duplicate_indexes=tuple(dups))
@@ -113,6 +112,13 @@ def classify_duplicates(rows: Sequence[Row], returned: Sequence[tuple[Any, ...]]
         else:
             dups.append(i)
     return WriteResult(inserted=len(rows) - len(dups), duplicates=len(dups), duplicate_indexes=tuple(dups))
+
+
+def _key_function(pk_index: Sequence[int]) -> Callable[[Row], tuple[Any, ...]]:
+    """Row -> its key as a tuple (as RETURNING gives it back), for a key of one column too."""
+    if len(pk_index) > 1:
+        return itemgetter(*pk_index)
+    return lambda row: (row[pk_index[0]],)
 
 
 def _in_order_duplicates(keys: Sequence[tuple[Any, ...]], returned: Sequence[tuple[Any, ...]]) -> list[int] | None:

@@ -7,9 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from dev import services, testkit
 from sink.errors import FatalError
 from sink.migrations import migrate
 from sink.types import SourceRecord
-from sink.upsert import PK_INDEX, VERSION_COLUMN, WriteMode, latest_per_key, versioned
+from sink.upsert import VERSION_COLUMN, WriteMode, latest_per_key, versioned
 from sink.writer import PgWriter
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,17 +34,17 @@ def src(partition: int, offset: int, ts: int | None = None) -> SourceRecord:
 
 def test_the_last_record_of_a_key_in_a_partition_wins() -> None:
     rows = [row("a", 1), row("b", 1), row("a", 2), row("a", 3)]
-    assert latest_per_key(rows, [src(0, 10), src(0, 11), src(0, 12), src(0, 13)], PK_INDEX) == [1, 3]
+    assert latest_per_key(rows, [src(0, 10), src(0, 11), src(0, 12), src(0, 13)]) == [1, 3]
 
 
 def test_between_partitions_the_newer_timestamp_of_each_partition_s_last_record_wins() -> None:
     rows = [row("a", 1), row("a", 2), row("a", 3)]
     # Partition 0's last record (offset 2, ts 100) against partition 1's (ts 300): partition 1.
     # Partition 0's first record has the newest timestamp of all, but a later offset replaced it.
-    assert latest_per_key(rows, [src(0, 1, 500), src(1, 7, 300), src(0, 2, 100)], PK_INDEX) == [1]
+    assert latest_per_key(rows, [src(0, 1, 500), src(1, 7, 300), src(0, 2, 100)]) == [1]
     # Equal timestamps: the higher partition, whatever the order in the batch.
-    assert latest_per_key(rows[:2], [src(1, 1, 100), src(0, 2, 100)], PK_INDEX) == [0]
-    assert latest_per_key(rows[:2], [src(0, 2, 100), src(1, 1, 100)], PK_INDEX) == [1]
+    assert latest_per_key(rows[:2], [src(1, 1, 100), src(0, 2, 100)]) == [0]
+    assert latest_per_key(rows[:2], [src(0, 2, 100), src(1, 1, 100)]) == [1]
 
 
 def test_the_version_goes_last_and_the_mode_follows_the_settings() -> None:
@@ -125,37 +123,10 @@ def measurement(i: int, value: float, device: str = "dev-1") -> dict[str, Any]:
             "data_point_label": "temperature", "pin": 1, "value": value, "unit": "C", "original_topic": "devices/x"}
 
 
-@pytest.fixture
-def update_sink(schema: str, topic: str, group: str, logdir: Path) -> Iterator[Any]:
-    started: list[testkit.SinkProcess] = []
-
-    def start(**env: Any) -> testkit.SinkProcess:
-        s = testkit.SinkProcess(testkit.sink_env(schema, topic, group, write_mode="update", **env),
-                                logdir / f"sink-{len(started)}.log").start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.alive():
-            s.kill()
-
-
-def drained(group: str, topic: str, timeout: float = 60) -> None:
-    want = {p: o for p, o in testkit.end_offsets(topic).items() if o > 0}
-    testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == want, timeout, what=f"committed {want}")
-
-
 def table(schema: str) -> dict[int, float]:
     with testkit.connect(schema) as conn:
         return {int(ts.timestamp()) - 1_700_000_000: v for ts, v in conn.execute(
             "SELECT timestamp, value FROM iot_measurements").fetchall()}
-
-
-def sink_ready(schema: str) -> bool:
-    with testkit.connect(schema) as conn:
-        row = conn.execute("SELECT to_regclass('iot_measurements') IS NOT NULL").fetchone()
-        return bool(row and row[0])
 
 
 def batch_lines(sink: testkit.SinkProcess) -> list[dict[str, Any]]:
@@ -165,14 +136,14 @@ def batch_lines(sink: testkit.SinkProcess) -> list[dict[str, Any]]:
 @pytest.mark.integration
 @pytest.mark.both_servers
 def test_corrections_overwrite_and_three_of_a_key_in_one_batch_leave_the_last(
-        update_sink: Any, schema: str, topic: str, group: str) -> None:
+        sinks: Any, schema: str, topic: str, group: str) -> None:
     testkit.produce(topic, [measurement(i, 1.0) for i in range(5)], partition=0)
-    sink = update_sink(batch_size=1000, batch_timeout=1)
-    drained(group, topic)
+    sink = sinks(write_mode="update", batch_size=1000, batch_timeout=1)
+    testkit.wait_drained(group, topic)
     # Corrections of records 0 and 1, and record 2 three times in what becomes one batch.
     testkit.produce(topic, [measurement(0, 10.0), measurement(1, 11.0), measurement(2, 20.0),
                             measurement(2, 21.0), measurement(2, 22.0)], partition=0)
-    drained(group, topic)
+    testkit.wait_drained(group, topic)
     assert table(schema) == {0: 10.0, 1: 11.0, 2: 22.0, 3: 1.0, 4: 1.0}
     lines = batch_lines(sink)
     assert sum(e["inserted"] for e in lines) == 5
@@ -183,16 +154,16 @@ def test_corrections_overwrite_and_three_of_a_key_in_one_batch_leave_the_last(
 
 @pytest.mark.integration
 @pytest.mark.both_servers
-def test_a_redelivered_batch_changes_nothing(update_sink: Any, schema: str, topic: str, group: str) -> None:
+def test_a_redelivered_batch_changes_nothing(sinks: Any, schema: str, topic: str, group: str) -> None:
     testkit.produce(topic, [measurement(i, float(i)) for i in range(50)], partition=0)
-    sink = update_sink()
-    drained(group, topic)
+    sink = sinks(write_mode="update")
+    testkit.wait_drained(group, topic)
     assert sink.stop() == 0
     before = values(schema)
     # Every record again, as after a crash before the commit: a new group starts at the beginning.
     again = f"{group}-again"
-    sink = update_sink(kafka_group_id=again)
-    drained(again, topic)
+    sink = sinks(write_mode="update", kafka_group_id=again)
+    testkit.wait_drained(again, topic)
     assert values(schema) == before  # the same versions, and not one row rewritten (same xmin)
     lines = batch_lines(sink)
     assert sum(e["updated"] for e in lines) == 0 and sum(e["duplicates"] for e in lines) == 50
@@ -202,18 +173,18 @@ def test_a_redelivered_batch_changes_nothing(update_sink: Any, schema: str, topi
 @pytest.mark.integration
 @pytest.mark.both_servers
 def test_a_replayed_old_record_does_not_overwrite_a_newer_correction(
-        update_sink: Any, schema: str, topic: str, group: str) -> None:
-    sink = update_sink(dlq_breaker_enabled="false")
-    testkit.wait_for(lambda: sink_ready(schema), 60, what="iot_measurements created by the sink's migrations")
+        sinks: Any, schema: str, topic: str, group: str) -> None:
+    sink = sinks(write_mode="update", dlq_breaker_enabled="false")
+    testkit.wait_table(schema)
     with testkit.connect(schema) as conn:
         conn.execute("ALTER TABLE iot_measurements ADD CONSTRAINT not_too_hot CHECK (value < 1000)")
     # Record 0 is refused (to the DLQ); its correction, later, is written; record 1 likewise
     # refused, with no correction.
     testkit.produce(topic, [measurement(0, 5000.0), measurement(1, 6000.0)], partition=0)
-    drained(group, topic)
+    testkit.wait_drained(group, topic)
     time.sleep(0.01)
     testkit.produce(topic, [measurement(0, 50.0)], partition=0)
-    drained(group, topic)
+    testkit.wait_drained(group, topic)
     assert sink.stop() == 0
     assert table(schema) == {0: 50.0}
     with testkit.connect(schema) as conn:

@@ -102,7 +102,7 @@ def test_a_turn_keeps_the_waiting_transaction_alive() -> None:
     previous = threading.Event()
     threading.Timer(0.25, previous.set).start()
     keepalives: list[int] = []
-    Turn(previous, every=0.05).wait(lambda: keepalives.append(1))
+    Turn([previous], every=0.05).wait(lambda: keepalives.append(1))
     assert 3 <= len(keepalives) <= 6
 
 
@@ -132,8 +132,8 @@ def test_batches_of_other_partitions_insert_side_by_side_and_of_the_same_one_in_
     assert marks[-1] == "insert 10"
 
 
-def test_a_failed_batch_holds_back_the_later_ones_of_its_partition_until_its_retry() -> None:
-    marks: list[str] = []
+def first_of_two_failing(marks: list[str]) -> tuple[WriteStage, GatedWriter, GatedWriter]:
+    """Two batches of one partition in flight, on open gates; the first one's first attempt fails."""
     gate = threading.Event()
     gate.set()
     first, second = GatedWriter(marks, gate), GatedWriter(marks, gate)
@@ -141,6 +141,12 @@ def test_a_failed_batch_holds_back_the_later_ones_of_its_partition_until_its_ret
     stage = WriteStage([first, second], TOPIC, max_splits=8)
     stage.submit(InFlight(batch(0)))
     stage.submit(InFlight(batch(5)))
+    return stage, first, second
+
+
+def test_a_failed_batch_holds_back_the_later_ones_of_its_partition_until_its_retry() -> None:
+    marks: list[str] = []
+    stage, first, second = first_of_two_failing(marks)
     threading.Event().wait(0.3)
     assert marks == ["insert 0"]  # the first attempt failed; the second batch still waits
     stage.result(lambda attempt: _second_try(attempt))
@@ -156,14 +162,7 @@ def _second_try(attempt: Callable[[], Written]) -> Written:
 
 
 def test_a_revoke_waiting_on_the_threads_does_not_wait_for_a_retry_that_only_it_would_run() -> None:
-    marks: list[str] = []
-    gate = threading.Event()
-    gate.set()
-    first, second = GatedWriter(marks, gate), GatedWriter(marks, gate)
-    first.fail_next = 1
-    stage = WriteStage([first, second], TOPIC, max_splits=8)
-    stage.submit(InFlight(batch(0)))
-    stage.submit(InFlight(batch(5)))
+    stage, _, _ = first_of_two_failing([])
     done = threading.Event()
     threading.Thread(target=lambda: (stage.settle(), done.set()), daemon=True).start()
     assert done.wait(5), "settle() waited for a batch that waits for the failed one's retry"
@@ -193,14 +192,7 @@ def test_a_revoke_during_the_retry_of_the_oldest_batch_does_not_wait_for_the_ret
     # The loop retries the oldest batch itself, polling Kafka between attempts; a rebalance
     # served by that poll waits for the writer threads (settle), one of which waits for the
     # retried batch.  The wait must end: the revoke lets the later batch go.
-    marks: list[str] = []
-    gate = threading.Event()
-    gate.set()
-    first, second = GatedWriter(marks, gate), GatedWriter(marks, gate)
-    first.fail_next = 1
-    stage = WriteStage([first, second], TOPIC, max_splits=8)
-    stage.submit(InFlight(batch(0)))
-    stage.submit(InFlight(batch(5)))
+    stage, _, _ = first_of_two_failing([])
     settled = threading.Event()
 
     def retry_serving_a_revoke(attempt: Callable[[], Written]) -> Written:

@@ -103,11 +103,11 @@ def test_a_write_waiting_for_the_previous_batch_keeps_its_session(schema: str, m
         threading.Timer(seconds, done.set).start()
         return done
 
-    turn = Turn(previous_batch_in_after(2.5), every=0.3)
+    turn = Turn([previous_batch_in_after(2.5)], every=0.3)
     assert w.write(rows, turn).inserted == len(set(
         tuple(r[j] for j in PK) for r in rows))
     # Without the keepalives the server ends the session: a retryable error, the batch retried.
-    turn = Turn(previous_batch_in_after(2.5), every=60.0)
+    turn = Turn([previous_batch_in_after(2.5)], every=60.0)
     with pytest.raises(RetryableError):
         w.write(rows, turn)
     w.close()
