@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 from dev import services, testkit
@@ -106,3 +108,29 @@ def group() -> str:
 @pytest.fixture
 def logdir(tmp_path: Path) -> Path:
     return tmp_path / "logs"
+
+
+@pytest.fixture
+def sinks(schema: str, topic: str, group: str, logdir: Path) -> Iterator[Any]:
+    """Start the real sink as a process (env overrides as keyword arguments); killed at the end."""
+    started: list[testkit.SinkProcess] = []
+
+    def start(**env: Any) -> testkit.SinkProcess:
+        s = testkit.SinkProcess(testkit.sink_env(schema, topic, group, **env),
+                                logdir / f"sink-{len(started)}.log").start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.alive():
+            s.kill()
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that configures logging (a command's main() run in-process: bench.run sets ERROR)
+    leaves it as it found it: later tests capture warnings and info lines."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

@@ -137,12 +137,7 @@ class Scenario:
         return [e for s in self.sinks for e in s.events() if name is None or e.get("event") == name]
 
     def wait_table(self, timeout: float = 60) -> None:
-        def exists() -> bool:
-            with testkit.connect(self.schema) as conn:
-                row = conn.execute("SELECT to_regclass('iot_measurements') IS NOT NULL").fetchone()
-                return bool(row and row[0])
-
-        testkit.wait_for(exists, timeout, what="iot_measurements created by the sink's migrations")
+        testkit.wait_table(self.schema, timeout)
 
     def wait_assigned(self, sink: testkit.SinkProcess, timeout: float = 60) -> None:
         testkit.wait_for(lambda: any(e.get("event") == "partitions_assigned" for e in sink.events()), timeout,

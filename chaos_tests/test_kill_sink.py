@@ -9,6 +9,7 @@ import pytest
 
 from chaos_tests.faults import kill_on_event
 from chaos_tests.harness import Scenario
+from dev import testkit
 
 pytestmark = pytest.mark.chaos
 
@@ -22,6 +23,20 @@ pytestmark = pytest.mark.chaos
 KILL_MODES = ("after_db_commit", "mid_dlq", "mid_batch", "random")
 
 
+def kill_aimed(sc: Scenario, sink: testkit.SinkProcess, mode: str) -> str:
+    """SIGKILL the sink at the moment `mode` names (KILL_MODES); what set it off."""
+    if mode == "after_db_commit":
+        return kill_on_event(sink, ("batch_written",), 20)
+    if mode == "mid_dlq":
+        # Spread over the transaction (begin, produce, send offsets, commit: tens of ms).
+        return kill_on_event(sink, ("record_rejected",), 20, delay=sc.rng.uniform(0.0, 0.04))
+    if mode == "mid_batch":
+        return kill_on_event(sink, ("batch_committed",), 20, delay=sc.rng.uniform(0.0, 0.3))
+    time.sleep(sc.rng.uniform(0.1, 2.0))
+    sink.kill()
+    return "random"
+
+
 def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(chaos: Callable[..., Scenario]) -> None:
     sc = chaos()
     modes = [KILL_MODES[i % len(KILL_MODES)] for i in range(sc.profile.n(4))]
@@ -32,17 +47,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(chaos: C
         sc.wait_progress(90)  # the (re)started sink is working
         time.sleep(sc.rng.uniform(0.0, 1.0))
         with sc.fault("sigkill", mode) as f:
-            if mode == "after_db_commit":
-                trigger = kill_on_event(sink, ("batch_written",), 20)
-            elif mode == "mid_dlq":
-                # Spread over the transaction (begin, produce, send offsets, commit: tens of ms).
-                trigger = kill_on_event(sink, ("record_rejected",), 20, delay=sc.rng.uniform(0.0, 0.04))
-            elif mode == "mid_batch":
-                trigger = kill_on_event(sink, ("batch_committed",), 20, delay=sc.rng.uniform(0.0, 0.3))
-            else:
-                time.sleep(sc.rng.uniform(0.1, 2.0))
-                sink.kill()
-                trigger = "random"
+            trigger = kill_aimed(sc, sink, mode)
             f.detail = f"{mode} (on {trigger})"
             assert trigger != "timeout", f"the sink never logged the event to kill it on ({mode})"
             time.sleep(sc.rng.uniform(0.0, 1.5))  # down for a moment, as under a supervisor
@@ -66,10 +71,7 @@ def test_update_mode_killed_and_restarted_ends_with_every_key_s_last_record(chao
         sc.wait_progress(90)
         time.sleep(sc.rng.uniform(0.0, 1.0))
         with sc.fault("sigkill", mode) as f:
-            if mode == "after_db_commit":
-                trigger = kill_on_event(sink, ("batch_written",), 20)
-            else:
-                trigger = kill_on_event(sink, ("record_rejected",), 20, delay=sc.rng.uniform(0.0, 0.04))
+            trigger = kill_aimed(sc, sink, mode)
             f.detail = f"{mode} (on {trigger})"
             assert trigger != "timeout", f"the sink never logged the event to kill it on ({mode})"
             time.sleep(sc.rng.uniform(0.0, 1.5))

@@ -197,6 +197,15 @@ def end_offsets(topic: str, *, bootstrap: str | None = None) -> dict[int, int]:
         c.close()
 
 
+def wait_drained(group: str, topic: str, timeout: float = 60, *, bootstrap: str | None = None) -> dict[int, int]:
+    """Wait until the group's committed offsets reach the topic's end in every partition that
+    holds records; returns those ends."""
+    ends = {p: o for p, o in end_offsets(topic, bootstrap=bootstrap).items() if o > 0}
+    wait_for(lambda: committed_offsets(group, topic, bootstrap=bootstrap) == ends, timeout,
+             what=f"{group}'s commits up to the end of {topic} {ends}")
+    return ends
+
+
 def covered_offsets(committed: Iterable[Mapping[str, Any]]) -> dict[int, int]:
     """Next offset per partition covered by a sink's batch_committed log lines (their
     ``offsets`` = {"<partition>": [first, last]}, inclusive ranges)."""
@@ -315,6 +324,17 @@ def rows(schema: str, order: str = "device_id, timestamp, connector_mode, compon
     columns = ", ".join(f'"{c}"' for c in COLUMNS)
     with connect(schema) as conn:
         return conn.execute(f"SELECT {columns} FROM iot_measurements ORDER BY {order}").fetchall()
+
+
+def wait_table(schema: str, timeout: float = 60) -> None:
+    """Wait until the sink's migrations created iot_measurements in `schema`."""
+
+    def exists() -> bool:
+        with connect(schema) as conn:
+            row = conn.execute("SELECT to_regclass('iot_measurements') IS NOT NULL").fetchone()
+            return bool(row and row[0])
+
+    wait_for(exists, timeout, what="iot_measurements created by the sink's migrations")
 
 
 def row_count(schema: str) -> int:

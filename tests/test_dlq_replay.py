@@ -77,15 +77,6 @@ class Filled:
         return proc
 
 
-def wait_table(schema: str) -> None:
-    def exists() -> bool:
-        with testkit.connect(schema) as conn:
-            row = conn.execute("SELECT to_regclass('iot_measurements') IS NOT NULL").fetchone()
-            return bool(row and row[0])
-
-    testkit.wait_for(exists, 60, what="iot_measurements created by the sink's migrations")
-
-
 def fill_dlq(topic: str, schema: str, group: str, logdir: Path, *, ok: int = 30, fixable: int = 12,
              broken_write: int = 6, invalid_json: int = 4, invalid_fields: int = 3) -> Filled:
     """Run the real sink over a mix of records with two CHECK constraints in place, then stop it."""
@@ -93,7 +84,7 @@ def fill_dlq(topic: str, schema: str, group: str, logdir: Path, *, ok: int = 30,
     env = testkit.sink_env(schema, topic, group, dlq_breaker_enabled="false")
     sink = testkit.SinkProcess(env, logdir / "sink-fill.log").start()
     try:
-        wait_table(schema)
+        testkit.wait_table(schema)
         with testkit.connect(schema) as conn:
             conn.execute(f"ALTER TABLE iot_measurements ADD CONSTRAINT {FIXABLE} CHECK (value < 1000)")
             conn.execute(f"ALTER TABLE iot_measurements ADD CONSTRAINT {STAYS} CHECK (unit <> 'bad')")
@@ -103,8 +94,7 @@ def fill_dlq(topic: str, schema: str, group: str, logdir: Path, *, ok: int = 30,
         values += [b"{not json"] * invalid_json
         values += [{"mac_address": f"no-timestamp-{i}"} for i in range(invalid_fields)]
         testkit.produce(topic, values, keys=[f"k{i}".encode() for i in range(len(values))])
-        ends = {p: o for p, o in testkit.end_offsets(topic).items() if o > 0}
-        testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == ends, 120, what="the sink's commits")
+        testkit.wait_drained(group, topic, 120)
         assert sink.stop() == 0
     finally:
         if sink.alive():

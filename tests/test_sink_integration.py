@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,35 +22,10 @@ def measurement(i: int, device: str | None = None, **extra: Any) -> dict[str, An
             "original_topic": "devices/x", **extra}
 
 
-@pytest.fixture
-def sinks(schema: str, topic: str, group: str, logdir: Path) -> Iterator[Any]:
-    started: list[testkit.SinkProcess] = []
-
-    def start(**env: Any) -> testkit.SinkProcess:
-        s = testkit.SinkProcess(testkit.sink_env(schema, topic, group, **env),
-                                logdir / f"sink-{len(started)}.log").start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.alive():
-            s.kill()
-
-
 def wait_committed(group: str, topic: str, want: dict[int, int], timeout: float = 60) -> None:
     want = {p: o for p, o in want.items() if o > 0}
     testkit.wait_for(lambda: testkit.committed_offsets(group, topic) == want, timeout,
                      what=f"committed offsets {want}")
-
-
-def wait_table(schema: str, timeout: float = 30) -> None:
-    def exists() -> bool:
-        with testkit.connect(schema) as conn:
-            row = conn.execute("SELECT to_regclass('iot_measurements') IS NOT NULL").fetchone()
-            return bool(row and row[0])
-
-    testkit.wait_for(exists, timeout, what="iot_measurements created by the sink's migrations")
 
 
 def test_valid_messages_land_exactly_once_and_offsets_reach_the_end(sinks: Any, schema: str, topic: str,
@@ -136,7 +109,7 @@ def test_each_bad_kind_goes_to_dlq_with_original_bytes_and_headers(sinks: Any, s
 def test_row_violating_an_added_constraint_goes_alone_to_dlq(sinks: Any, schema: str, topic: str,
                                                              group: str) -> None:
     sink = sinks()
-    wait_table(schema)
+    testkit.wait_table(schema, 30)
     with testkit.connect(schema) as conn:
         conn.execute("ALTER TABLE iot_measurements ADD CONSTRAINT value_below_1000 CHECK (value < 1000)")
     msgs = [measurement(i) for i in range(200)]
