@@ -227,13 +227,8 @@ def _format(nodes: list[Node]) -> None:
 
 def _launch(n: Node) -> tuple[subprocess.Popen[bytes], tuple[int, int]]:
     mark = services._log_mark(n.logfile)
-    heap = os.environ.get("DEV_CLUSTER_HEAP", "-Xms128m -Xmx384m").split()
-    cmd = ["java", *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
-           f"-Dlog4j2.configurationFile={n.home / 'log4j2.properties'}", "-cp", str(services.KAFKA.libs / "*"),
-           "kafka.Kafka", str(n.props)]
-    with open(n.home / "broker.stdout", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=n.home)
+    proc = services.launch_broker(n.home, n.props, n.home / "log4j2.properties",
+                                  os.environ.get("DEV_CLUSTER_HEAP", "-Xms128m -Xmx384m"))
     n.pidfile.write_text(str(proc.pid))
     return proc, mark
 

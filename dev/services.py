@@ -322,13 +322,7 @@ def _start_kafka(timeout: float) -> str:
             raise ServiceError(f"formatting KRaft storage failed:\n{res.stdout}\n{res.stderr}")
         _scram_formatted()
     start_mark = _log_mark(KAFKA.logfile)
-    heap = os.environ.get("DEV_KAFKA_HEAP", "-Xms256m -Xmx768m").split()
-    cmd = ["java", *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
-           f"-Dlog4j2.configurationFile={KAFKA.log4j}", "-cp", str(KAFKA.libs / "*"),
-           "kafka.Kafka", str(KAFKA.props)]
-    with open(KAFKA.home / "broker.stdout", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=KAFKA.home)
+    proc = launch_broker(KAFKA.home, KAFKA.props, KAFKA.log4j, os.environ.get("DEV_KAFKA_HEAP", "-Xms256m -Xmx768m"))
     KAFKA.pidfile.write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -341,6 +335,16 @@ def _start_kafka(timeout: float) -> str:
             return KAFKA_BOOTSTRAP
         time.sleep(0.2)
     raise ServiceError(f"broker did not start within {timeout:.0f}s; see {KAFKA.logfile}")
+
+
+def launch_broker(home: Path, props: Path, log4j: Path, heap: str) -> subprocess.Popen[bytes]:
+    """A Kafka JVM (from the cached jars) on `props`, in a session of its own, its stdout in
+    home/broker.stdout.  The caller waits for it to serve."""
+    cmd = ["java", *heap.split(), "-XX:+UseG1GC", "-Djava.awt.headless=true",
+           f"-Dlog4j2.configurationFile={log4j}", "-cp", str(KAFKA.libs / "*"), "kafka.Kafka", str(props)]
+    with open(home / "broker.stdout", "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=home)
 
 
 def _log_mark(path: Path) -> tuple[int, int]:
