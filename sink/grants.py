@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from sink.catalog import relation_exists, scalar
+from sink.catalog import relation_exists
 
 # INSERT ... RETURNING reads the key back, and the staging table's LIKE reads the table's
 # definition: both need SELECT.  No DELETE or TRUNCATE; UPDATE only of the columns that
@@ -63,9 +63,10 @@ def missing_write_privileges(conn: psycopg.Connection[Any], schema: str, table: 
     if table_found and update:
         # Of the columns that exist: a missing one is the writer's to report (a migration is missing).
         regclass = sql.Identifier(schema, table).as_string(conn)
-        lacking = [c for c in update if scalar(
-            conn, "SELECT NOT has_column_privilege(a.attrelid, a.attnum, 'UPDATE') FROM pg_catalog.pg_attribute a"
-                  " WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped", [regclass, c])]
+        lacking = [name for (name,) in conn.execute(
+            "SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid = %s::regclass AND a.attname = ANY(%s)"
+            " AND NOT a.attisdropped AND NOT has_column_privilege(a.attrelid, a.attnum, 'UPDATE') ORDER BY a.attnum",
+            [regclass, list(update)]).fetchall()]
         if lacking:
             cols = ", ".join(lacking)
             out.append(Missing(user, f"UPDATE ({cols})", qualified,

@@ -229,6 +229,16 @@ def test_a_writer_role_that_does_not_exist_stops_migrate(roles: Roles, topic: st
 # --------------------------------------------------------------------------- missing privileges
 
 
+def test_update_mode_without_the_update_grant_exits_1_naming_the_columns(roles: Roles, topic: str, group: str,
+                                                                          logdir: Path) -> None:
+    migrate(roles, topic, group)  # ignore mode: no UPDATE granted
+    env = roles.env(roles.writer, topic, group, run_migrations="false", write_mode="update")
+    reason = fatal_reason(testkit.SinkProcess(env, logdir / "sink.log").start())
+    table = f"{roles.schema}.iot_measurements"
+    assert f"role {roles.writer} lacks UPDATE (value, unit, topic, source_version) on {table}:" in reason
+    assert f"GRANT UPDATE (value, unit, topic, source_version) ON {table} TO {roles.writer};" in reason
+
+
 def test_a_runtime_role_without_insert_exits_1_naming_the_grant(roles: Roles, topic: str, group: str,
                                                                logdir: Path) -> None:
     migrate(roles, topic, group)
